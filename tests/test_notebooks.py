@@ -1,0 +1,90 @@
+"""Every notebook, executed with papermill in the smoke profile, with its recorded results asserted.
+
+For each notebook this test
+1. checks the committed ``.ipynb`` has the same code as its jupytext ``.py`` twin and carries the
+   outputs of a real run in the cpu or gpu profile (with the device named);
+2. executes it with papermill (``profile="smoke"``) into a temporary folder;
+3. asserts the claims the notebook computed and wrote to its results file, plus the notebook's
+   own expectations listed in ``EXPECTED`` below;
+4. compares, as nbval does, the outputs of every cell marked ``# NBVAL_CHECK_OUTPUT`` (outputs
+   that do not depend on the profile: parameter counts, equivalence checks) with the committed ones.
+"""
+import json
+from pathlib import Path
+
+import jupytext
+import nbformat
+import papermill as pm
+import pytest
+from nbval.plugin import transform_streams_for_comparison
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+ALL = sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+
+
+def expect_overview(r):
+    assert r["metrics"]["smollm2_params"] > 100_000_000 and r["metrics"]["minilm_params"] > 20_000_000
+
+
+def expect_full_finetuning(r):
+    m = r["metrics"]
+    assert m["sst2"]["accuracy_after"] > m["sst2"]["majority_baseline"]
+    assert m["e2e"]["eval_loss_after"] < m["e2e"]["eval_loss_before"]
+
+
+EXPECTED = {"00_overview": expect_overview, "01_full_finetuning": expect_full_finetuning}
+
+
+def test_every_notebook_is_listed_here():
+    assert ALL, "no notebooks found"
+    assert set(ALL) <= set(EXPECTED), f"add expectations for {set(ALL) - set(EXPECTED)} to EXPECTED"
+
+
+def _code(nb):
+    return [c.source.strip() for c in nb.cells if c.cell_type == "code"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_committed_notebook_is_synced_and_executed(name):
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    twin = NOTEBOOKS / f"{name}.py"
+    assert twin.exists(), f"{twin.name} missing: pair it with `jupytext --set-formats ipynb,py:percent`"
+    assert _code(jupytext.read(twin)) == _code(nb), \
+        f"{name}.ipynb and {name}.py differ: run `python scripts/run_notebooks.py --inplace {name}`"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert any("parameters" in c.metadata.get("tags", []) for c in code), "no cell tagged 'parameters'"
+    assert all(c.get("execution_count") for c in code), "committed without the outputs of a full run"
+    header = "".join(o.get("text", "") for c in code[:3] for o in c.outputs)
+    assert f"notebook {name} | profile " in header and " | device " in header
+    assert "profile smoke" not in header, "commit the outputs of a cpu or gpu run, not of the smoke profile"
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("name", ALL)
+def test_notebook_smoke_run(name, tmp_path):
+    executed = tmp_path / f"{name}.ipynb"
+    pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(executed), cwd=str(NOTEBOOKS),
+                        parameters={"profile": "smoke", "results_dir": str(tmp_path)},
+                        kernel_name="python3", progress_bar=False)
+    result = json.loads((tmp_path / f"{name}.json").read_text())
+    assert result["profile"] == "smoke" and result["claims"], "the notebook recorded no claims"
+    failed = [k for k, v in result["claims"].items() if not v]
+    assert not failed, f"{name}: claims failed in the smoke run: {failed}"
+    EXPECTED[name](result)
+
+    committed = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    ran = nbformat.read(executed, as_version=4)
+    ref_cells = [c for c in committed.cells if c.cell_type == "code"]
+    new_cells = [c for c in ran.cells if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])]
+    assert len(ref_cells) == len(new_cells)
+    for ref, new in zip(ref_cells, new_cells):
+        if "NBVAL_CHECK_OUTPUT" in ref.source:
+            assert _texts(new.outputs) == _texts(ref.outputs), f"{name}: output changed in cell:\n{ref.source[:300]}"
+
+
+def _texts(outputs):
+    """Output text as nbval compares it (streams merged), ignoring execution counts and metadata."""
+    out = []
+    for o in transform_streams_for_comparison(outputs):
+        out.append(o.get("text") or o.get("data", {}).get("text/plain"))
+    return out
