@@ -14,7 +14,13 @@ A method file (``lora.py``, ``dora.py`` ...) defines two things and nothing else
    but the output head;
 2. build every adapter layer first (so a bad rank fails before the model is touched), then swap
    them in;
-3. freeze everything that is not an adapter parameter (or listed in ``modules_to_save``).
+3. freeze everything that is not an adapter parameter (or listed in ``modules_to_save``, or
+   matched by ``extra_trainable``, e.g. the layer norms Houlsby adapters train).
+
+Methods that act on the whole model rather than on single modules (prompt tuning, P-tuning, prefix
+tuning) override ``AdapterConfig.inject``: they attach one ``ModelAdapter`` submodule to the model,
+which hooks into the model's forward. Its parameters are adapter parameters like any other, so
+freezing, counting, save/load and remove come from this file unchanged.
 
 Adapters are saved as ``adapter.safetensors`` (only the adapter tensors) plus ``adapter.json``
 (the config and a fingerprint of the base model). ``load_adapter`` checks both before it changes
@@ -76,17 +82,51 @@ class AdapterLayer(nn.Module):
         self.merged = False
 
 
+class ModelAdapter(nn.Module):
+    """An adapter that acts on the whole model instead of wrapping one module (prompts, prefixes).
+
+    ``attach(model)`` registers it as the submodule ``model.<attr>`` and hooks it into the model's
+    forward; ``detach(model)`` undoes both. Everything under ``model.<attr>`` counts as adapter
+    state (trainable, saved, left out of the base fingerprint).
+    """
+    attr: ClassVar[str] = "prompt_encoder"
+
+    def attach(self, model: nn.Module) -> None:
+        setattr(model, self.attr, self)
+
+    def detach(self, model: nn.Module) -> None:
+        delattr(model, self.attr)
+
+
 @dataclass
 class AdapterConfig:
     """What every method's config has. Subclasses add their hyper-parameters and ``make_layer``."""
     target_modules: list[str] | str = "all-linear"
     modules_to_save: list[str] = field(default_factory=list)  # trained fully, e.g. ["classifier"]
+    extra_trainable: list[str] = field(default_factory=list)  # regexes of parameter names trained too
 
     method: ClassVar[str] = ""                               # the module name: "lora", "dora", ...
     wraps: ClassVar[tuple[type, ...]] = (nn.Linear,)         # module types make_layer accepts
 
     def make_layer(self, name: str, module: nn.Module) -> AdapterLayer:
         raise NotImplementedError
+
+    def inject(self, model: nn.Module) -> None:
+        """Put the adapter into ``model``, raising before any change if it does not fit.
+
+        The default wraps every target module with ``make_layer``; model-level methods override
+        this to attach a ``ModelAdapter``.
+        """
+        targets = find_targets(model, self.target_modules)
+        wrong = [(n, type(model.get_submodule(n)).__name__) for n in targets
+                 if not isinstance(model.get_submodule(n), self.wraps)]
+        if wrong:
+            raise TypeError(f"{self.method} can wrap {', '.join(t.__name__ for t in self.wraps)} modules; "
+                            f"these targets are not: {', '.join(f'{n} ({t})' for n, t in wrong[:5])}")
+        # Build all layers before touching the model, so a bad hyper-parameter changes nothing.
+        layers = {n: self.make_layer(n, model.get_submodule(n)) for n in targets}
+        for name, layer in layers.items():
+            _set_module(model, name, layer)
 
     def to_dict(self) -> dict:
         """JSON-ready (tuples become lists), so a saved config compares equal to a live one."""
@@ -100,15 +140,20 @@ class AdapterConfig:
 
 
 def _config_class(method: str) -> type[AdapterConfig]:
-    """Import ``peft_from_scratch.<method>`` and return its AdapterConfig subclass."""
+    """Import ``peft_from_scratch.<module>`` and return its AdapterConfig subclass for ``method``.
+
+    The module is the method's name, or the part before a colon when one file holds several
+    methods ("prompts:prefix_tuning" lives in ``prompts.py``).
+    """
+    name = method.split(":")[0]
     try:
-        module = importlib.import_module(f"peft_from_scratch.{method}")
+        module = importlib.import_module(f"peft_from_scratch.{name}")
     except ModuleNotFoundError as e:
-        raise ValueError(f"unknown adapter method {method!r}: no module peft_from_scratch.{method}") from e
+        raise ValueError(f"unknown adapter method {method!r}: no module peft_from_scratch.{name}") from e
     for obj in vars(module).values():
         if isinstance(obj, type) and issubclass(obj, AdapterConfig) and obj.method == method:
             return obj
-    raise ValueError(f"peft_from_scratch.{method} defines no AdapterConfig with method={method!r}")
+    raise ValueError(f"peft_from_scratch.{name} defines no AdapterConfig with method={method!r}")
 
 
 # ----------------------------------------------------------------------------- selecting targets
@@ -172,19 +217,14 @@ def add_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if getattr(model, "adapter_config", None) is not None:
         raise RuntimeError(f"the model already has a {model.adapter_config.method} adapter; "
                            "call remove_adapter(model) first")
-    targets = find_targets(model, config.target_modules)
     for name in config.modules_to_save:
         model.get_submodule(name)  # raises AttributeError naming the missing module
-    wrong = [(n, type(model.get_submodule(n)).__name__) for n in targets
-             if not isinstance(model.get_submodule(n), config.wraps)]
-    if wrong:
-        raise TypeError(f"{config.method} can wrap {', '.join(t.__name__ for t in config.wraps)} modules; "
-                        f"these targets are not: {', '.join(f'{n} ({t})' for n, t in wrong[:5])}")
-    # Build all layers before touching the model, so a bad hyper-parameter changes nothing.
-    layers = {n: config.make_layer(n, model.get_submodule(n)) for n in targets}
-    model._requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
-    for name, layer in layers.items():
-        _set_module(model, name, layer)
+    for pattern in config.extra_trainable:
+        if not any(re.fullmatch(pattern, n) for n, _ in model.named_parameters()):
+            raise ValueError(f"extra_trainable pattern {pattern!r} matches no parameter of the model")
+    requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    config.inject(model)  # raises, leaving the model unchanged, if the adapter does not fit
+    model._requires_grad_before = requires_grad_before
     model.adapter_config = config
     freeze_base(model)
     return model
@@ -194,10 +234,22 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
 
 
-def is_adapter_key(model: nn.Module, key: str) -> bool:
-    """True for state-dict keys that belong to the adapter (not to a wrapped base layer)."""
-    config = getattr(model, "adapter_config", None)
+def model_adapters(model: nn.Module) -> dict[str, ModelAdapter]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, ModelAdapter)}
+
+
+def is_adapter_key(model: nn.Module, key: str, config: AdapterConfig | None = None) -> bool:
+    """True for state-dict keys that belong to the adapter (not to a wrapped base layer).
+
+    ``config`` (default: the model's) decides which base tensors are trained too: ``modules_to_save``
+    and ``extra_trainable``.
+    """
+    config = config or getattr(model, "adapter_config", None)
     if config and any(key == m or key.startswith(m + ".") for m in config.modules_to_save):
+        return True
+    if config and any(re.fullmatch(p, key.replace(".base_layer", "")) for p in config.extra_trainable):
+        return True
+    if any(key.startswith(n + ".") for n in model_adapters(model)):
         return True
     return any(key.startswith(n + ".") and not key.startswith(n + ".base_layer.") for n in adapter_layers(model))
 
@@ -242,6 +294,8 @@ def remove_adapter(model: nn.Module, merge: bool = False) -> nn.Module:
         if not merge and layer.merged:
             layer.unmerge()
         _set_module(model, name, layer.base_layer)
+    for adapter in model_adapters(model).values():
+        adapter.detach(model)
     for name, p in model.named_parameters():  # give back the requires_grad flags add_adapter changed
         p.requires_grad_(model._requires_grad_before.get(name, p.requires_grad))
     model.adapter_config = None
@@ -250,18 +304,20 @@ def remove_adapter(model: nn.Module, merge: bool = False) -> nn.Module:
 
 # ----------------------------------------------------------------------------- save and load
 
-def base_fingerprint(model: nn.Module) -> str:
+def base_fingerprint(model: nn.Module, config: AdapterConfig | None = None) -> str:
     """A hash of the base model's tensors (names, shapes and values), ignoring any adapter.
 
     Names are taken as the plain model has them (``.base_layer`` dropped), so the fingerprint of an
     adapted model equals that of its base. Values enter through float64 sums, rounded so that the
-    same weights give the same hash on any machine.
+    same weights give the same hash on any machine. Tensors the adapter trains (``modules_to_save``,
+    ``extra_trainable`` of ``config``, default the model's) are left out, so a plain model and the
+    same model with the adapter added have the same fingerprint.
     """
     if any(layer.merged for layer in adapter_layers(model).values()):
         raise RuntimeError("the adapter is merged into the base weights; call unmerge_adapter(model) first")
     h = hashlib.sha256()
     for key, t in sorted(model.state_dict().items()):
-        if is_adapter_key(model, key):
+        if is_adapter_key(model, key, config):
             continue
         t = t.detach().to("cpu", torch.float64)
         h.update(f"{key.replace('.base_layer', '')}|{tuple(t.shape)}|"
@@ -297,11 +353,11 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         raise FileNotFoundError(f"no adapter.json in {path}: not a folder written by save_adapter")
     meta = json.loads((path / "adapter.json").read_text())
     state = load_file(path / "adapter.safetensors")
-    fingerprint = base_fingerprint(model)
+    saved = AdapterConfig.from_dict(meta["config"])
+    fingerprint = base_fingerprint(model, saved)
     if fingerprint != meta["base_fingerprint"]:
         raise ValueError(f"the adapter in {path} was saved for another base model "
                          f"(fingerprint {meta['base_fingerprint']}, this model has {fingerprint})")
-    saved = AdapterConfig.from_dict(meta["config"])
     current = getattr(model, "adapter_config", None)
     if current is not None and current.to_dict() != saved.to_dict():
         diff = {k: (v, current.to_dict().get(k)) for k, v in saved.to_dict().items() if current.to_dict().get(k) != v}

@@ -1,0 +1,287 @@
+"""Prompt tuning, P-tuning and prefix tuning against peft, on identical parameters.
+
+Each test builds ours (``core.add_adapter``) and peft's (``get_peft_model``) on deep copies of one
+base model, copies our adapter tensors into peft (our ``prompt_encoder.X`` is peft's
+``prompt_encoder.default.X``), then compares logits and loss, every adapter gradient, the adapter
+parameters after 5 AdamW steps on the same batches, and greedy generation.
+
+Tolerance: assert_close(rtol=1e-5, atol=1e-6 x the reference tensor's largest entry). Observed:
+bit-identical (0.0) logits, gradients and parameters for prefix, prompt tuning and P-tuning, on
+tiny_llama and SmolLM2; prefix with projection on tiny_llama differs by at most 3e-7 (logits),
+4e-7 (gradients) and 1e-6 (parameters after 5 steps), relative to the largest entry (peft runs the
+MLP on a batch of identical rows, we run it once and expand, so sums are taken in another order).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from peft import PrefixTuningConfig as PeftPrefix
+from peft import PromptEncoderConfig as PeftPromptEncoder
+from peft import PromptTuningConfig as PeftPromptTuning
+from peft import get_peft_model
+
+from peft_from_scratch import core
+from peft_from_scratch.models import SMOLLM2, tiny_bert, tiny_llama
+from peft_from_scratch.prompts import (PrefixTuningConfig, PromptTuningConfig, PTuningConfig, fold_prefix)
+
+RTOL, ATOL = 1e-5, 1e-6
+STEPS, LR = 5, 1e-2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: the test machine is small and shared (oversubscribed OpenMP is much slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tokens(seed=0, vocab=128, shape=(2, 10)):
+    return torch.randint(1, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def batches(n, vocab=128, shape=(2, 10)):
+    out = []
+    for i in range(n):
+        x = tokens(i, vocab, shape)
+        out.append({"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()})
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def smollm2():
+    from peft_from_scratch.models import ModelNotAvailable, load_model
+    try:
+        model, _ = load_model(SMOLLM2)
+    except ModelNotAvailable as e:
+        pytest.skip(str(e))
+    return model.eval()
+
+
+def pairs(n=4, hidden=None):
+    """(our config, peft's config) for the four set-ups we compare."""
+    return {
+        "prefix": (PrefixTuningConfig(num_virtual_tokens=n),
+                   PeftPrefix(task_type="CAUSAL_LM", num_virtual_tokens=n)),
+        "prefix-projection": (PrefixTuningConfig(num_virtual_tokens=n, prefix_projection=True, encoder_hidden_size=hidden),
+                              PeftPrefix(task_type="CAUSAL_LM", num_virtual_tokens=n, prefix_projection=True,
+                                         encoder_hidden_size=hidden)),
+        "prompt": (PromptTuningConfig(num_virtual_tokens=n),
+                   PeftPromptTuning(task_type="CAUSAL_LM", num_virtual_tokens=n)),
+        "p-tuning-lstm": (PTuningConfig(num_virtual_tokens=n, encoder="lstm", encoder_hidden_size=hidden),
+                          PeftPromptEncoder(task_type="CAUSAL_LM", num_virtual_tokens=n,
+                                            encoder_reparameterization_type="LSTM", encoder_hidden_size=hidden)),
+    }
+
+
+def peft_key(our_key: str) -> str:
+    return our_key.replace("prompt_encoder.", "prompt_encoder.default.", 1)
+
+
+def make_pair(base, config, peft_config, seed=1):
+    ours = core.add_adapter(copy.deepcopy(base), config)
+    theirs = get_peft_model(copy.deepcopy(base), peft_config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():   # "trained" values, shared by both
+        for p in core.adapter_state_dict(ours).keys():
+            param = ours.get_parameter(p)
+            param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    result = theirs.load_state_dict({peft_key(k): v for k, v in core.adapter_state_dict(ours).items()}, strict=False)
+    assert not result.unexpected_keys
+    return ours.eval(), theirs.eval()
+
+
+def compare(ours, theirs, data):
+    """Asserts equality within the tolerance; returns the largest relative differences seen."""
+    mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    other = dict(theirs.named_parameters())
+    other = {n: other[peft_key(n)] for n in mine}
+    assert {id(p) for p in other.values()} == {id(p) for p in theirs.parameters() if p.requires_grad}
+    diffs = {"logits": 0.0, "grads": 0.0, "params": 0.0}
+
+    def check(a, b, what):
+        scale = max(b.abs().max().item(), 1e-30)
+        diffs[what.split()[0]] = max(diffs[what.split()[0]], (a - b).abs().max().item() / scale)
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL * max(scale, 1.0), msg=lambda m: f"{what}: {m}")
+
+    opt_a, opt_b = torch.optim.AdamW(mine.values(), lr=LR), torch.optim.AdamW(other.values(), lr=LR)
+    for step in range(STEPS):
+        a, b = ours(**data[step % len(data)]), theirs(**data[step % len(data)])
+        check(a.logits, b.logits, f"logits at step {step}")
+        check(a.loss, b.loss, f"logits (loss) at step {step}")
+        a.loss.backward(), b.loss.backward()
+        if step == 0:
+            for k in mine:
+                check(mine[k].grad, other[k].grad, f"grads of {k}")
+        opt_a.step(), opt_b.step(), opt_a.zero_grad(), opt_b.zero_grad()
+    for k in mine:
+        check(mine[k].detach(), other[k].detach(), f"params {k} after {STEPS} steps")
+    return diffs
+
+
+def greedy(model, x, n=6):
+    with torch.no_grad():
+        return model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                              min_new_tokens=n)
+
+
+# ----------------------------------------------------------------------------- against peft
+
+@pytest.mark.parametrize("name", list(pairs()))
+def test_matches_peft_on_tiny_llama(name):
+    ours, theirs = make_pair(tiny_llama(), *pairs(hidden=24)[name])
+    print(name, compare(ours, theirs, batches(STEPS)))
+    x = tokens(9, shape=(1, 7))
+    assert torch.equal(greedy(ours, x), greedy(theirs, x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(pairs()))
+def test_matches_peft_on_smollm2(name):
+    ours, theirs = make_pair(smollm2(), *pairs(n=3, hidden=32)[name])
+    print(name, compare(ours, theirs, batches(STEPS, vocab=49152, shape=(1, 6))))
+    x = tokens(9, vocab=49152, shape=(1, 5))
+    assert torch.equal(greedy(ours, x, 3), greedy(theirs, x, 3))
+
+
+def test_generate_with_a_prompt_continues_like_one_forward_pass():
+    """The cache bookkeeping: greedy tokens equal argmax of full forward passes over the growing text."""
+    for config in (PromptTuningConfig(num_virtual_tokens=3), PrefixTuningConfig(num_virtual_tokens=3)):
+        model = core.add_adapter(tiny_llama(), config)
+        x = tokens(3, shape=(1, 5))
+        out = greedy(model, x, 4)
+        text = x
+        for _ in range(4):
+            with torch.no_grad():
+                nxt = model(input_ids=text).logits[:, -1].argmax(-1, keepdim=True)
+            text = torch.cat([text, nxt], 1)
+        assert torch.equal(out, text)
+
+
+# ----------------------------------------------------------------------------- structure, counts, save/load
+
+def test_parameter_counts_match_the_formulas():
+    d, L, kv = 64, 2, 32        # tiny_llama: 4 heads of 16, 2 key/value heads -> keys 32 wide
+    for config, expected in [
+        (PromptTuningConfig(num_virtual_tokens=10), 10 * d),
+        (PrefixTuningConfig(num_virtual_tokens=10), 10 * L * 2 * kv),
+        (PrefixTuningConfig(num_virtual_tokens=10, prefix_projection=True, encoder_hidden_size=48),
+         10 * kv + (kv * 48 + 48) + (48 * 2 * L * kv + 2 * L * kv)),
+        (PTuningConfig(num_virtual_tokens=10), None),
+    ]:
+        model = tiny_llama()
+        total = sum(p.numel() for p in model.parameters())
+        core.add_adapter(model, config)
+        trainable, all_params = core.count_parameters(model)
+        if expected is None:   # P-tuning, h = d/2: LSTM layers 1 and 2 (both directions), then d -> d -> d
+            h = d // 2
+            lstm = 2 * (4 * h * d + 4 * h * h + 8 * h) + 2 * (4 * h * 2 * h + 4 * h * h + 8 * h)
+            expected = 10 * d + lstm + (d * d + d) * 2
+        assert (trainable, all_params) == (expected, total + expected)
+        assert all(n.startswith("prompt_encoder.") for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_text_and_label_inits(monkeypatch):
+    class Tok:   # a stand-in tokenizer: one id per character
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [ord(c) % 128 for c in text]}
+    import peft_from_scratch.prompts as prompts
+    monkeypatch.setattr(prompts, "_load_tokenizer", lambda name: Tok())
+    model = tiny_llama()
+    words = model.get_input_embeddings().weight.detach()
+    core.add_adapter(model, PromptTuningConfig(num_virtual_tokens=5, init="text", init_text="ab",
+                                               tokenizer_name_or_path="x"))
+    ids = [97, 98, 97, 98, 97]          # repeated to fill n (peft's rule)
+    assert torch.equal(model.prompt_encoder.embedding.weight, words[ids])
+    model = tiny_llama()
+    core.add_adapter(model, PromptTuningConfig(num_virtual_tokens=2, init="text", init_text="abcd",
+                                               tokenizer_name_or_path="x"))
+    assert torch.equal(model.prompt_encoder.embedding.weight, words[[97, 98]])   # truncated, as peft
+    model = tiny_llama()
+    core.add_adapter(model, PromptTuningConfig(num_virtual_tokens=4, init="labels", label_words=["ab", "c"],
+                                               tokenizer_name_or_path="x"))
+    p = model.prompt_encoder.embedding.weight
+    torch.testing.assert_close(p[0], words[[97, 98]].mean(0))
+    torch.testing.assert_close(p[1], words[99])
+    vocab = core.add_adapter(tiny_llama(), PromptTuningConfig(num_virtual_tokens=6, init="vocab"))
+    rows = vocab.prompt_encoder.embedding.weight
+    assert all((words == r).all(1).any() for r in rows)   # every row is some token's embedding
+
+
+@pytest.mark.slow
+def test_text_init_with_the_real_tokenizer_equals_peft():
+    from peft_from_scratch.models import local_path
+    path = str(local_path(SMOLLM2))
+    base = smollm2()
+    ours = core.add_adapter(copy.deepcopy(base), PromptTuningConfig(
+        num_virtual_tokens=7, init="text", init_text="Classify:", tokenizer_name_or_path=SMOLLM2))
+    theirs = get_peft_model(copy.deepcopy(base), PeftPromptTuning(
+        task_type="CAUSAL_LM", num_virtual_tokens=7, prompt_tuning_init="TEXT", prompt_tuning_init_text="Classify:",
+        tokenizer_name_or_path=path))
+    assert torch.equal(ours.prompt_encoder.embedding.weight, theirs.prompt_encoder["default"].embedding.weight)
+
+
+def test_fold_prefix_keeps_outputs_and_drops_the_mlp(tmp_path):
+    model = core.add_adapter(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=True))
+    x = tokens()
+    before = model(input_ids=x).logits
+    n_before = core.count_parameters(model)[0]
+    fold_prefix(model)
+    assert not hasattr(model.prompt_encoder, "transform")
+    assert core.count_parameters(model)[0] == 4 * 2 * 2 * 32 < n_before
+    torch.testing.assert_close(model(input_ids=x).logits, before, rtol=0, atol=1e-6)
+    core.save_adapter(model, tmp_path)   # the folded prefix saves and loads as a plain prefix
+    fresh = core.load_adapter(tiny_llama(), tmp_path)
+    assert fresh.adapter_config.prefix_projection is False
+    torch.testing.assert_close(fresh(input_ids=x).logits, before, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [PromptTuningConfig(num_virtual_tokens=3), PTuningConfig(num_virtual_tokens=3),
+                                    PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True)],
+                         ids=["prompt", "p-tuning", "prefix"])
+def test_save_load_remove_round_trip(tmp_path, config):
+    base = tiny_llama()
+    x = tokens()
+    plain = base(input_ids=x).logits
+    model = core.add_adapter(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for p in model.prompt_encoder.parameters():
+            p.add_(0.1)
+    out = model(input_ids=x).logits
+    core.save_adapter(model, tmp_path)
+    fresh = core.load_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(fresh(input_ids=x).logits, out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="another base model"):
+        core.load_adapter(tiny_llama(seed=5), tmp_path)
+    core.remove_adapter(fresh)
+    assert not hasattr(fresh, "prompt_encoder")
+    torch.testing.assert_close(fresh(input_ids=x).logits, plain, rtol=0, atol=0)
+    assert all(p.requires_grad for p in fresh.parameters())
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_errors():
+    with pytest.raises(ValueError, match="positive integer"):
+        PromptTuningConfig(num_virtual_tokens=0)
+    with pytest.raises(ValueError, match="init_text"):
+        PromptTuningConfig(init="text")
+    with pytest.raises(ValueError, match="tokenizer_name_or_path"):
+        PromptTuningConfig(init="labels", label_words=["yes"])
+    with pytest.raises(ValueError, match="3 label words do not fit 2"):
+        PromptTuningConfig(num_virtual_tokens=2, init="labels", label_words=["a", "b", "c"], tokenizer_name_or_path="x")
+    with pytest.raises(ValueError, match="'lstm'"):
+        PTuningConfig(encoder="gru")
+    model = tiny_llama()   # max_position_embeddings=256
+    with pytest.raises(ValueError, match="max_position_embeddings is 256"):
+        core.add_adapter(model, PrefixTuningConfig(num_virtual_tokens=256))
+    assert getattr(model, "adapter_config", None) is None and not hasattr(model, "prompt_encoder")
+    core.add_adapter(model, PromptTuningConfig(num_virtual_tokens=250))
+    with pytest.raises(ValueError, match="250 virtual tokens \\+ 10 input tokens = 260 .*256"):
+        model(input_ids=tokens())
+    with pytest.raises(NotImplementedError, match="model type 'bert' is not supported"):
+        core.add_adapter(tiny_bert(), PrefixTuningConfig(num_virtual_tokens=2))
