@@ -109,7 +109,7 @@ print(f"accuracy {acc_before:.3f} -> {acc_after:.3f} after {len(sst_hist.step)} 
 # %%
 gen_cfg = run.pick(
     smoke=dict(n_train=16, n_test=8, epochs=1, batch=4, lr=5e-5, new_tokens=32),
-    cpu=dict(n_train=640, n_test=64, epochs=1, batch=8, lr=5e-5, new_tokens=48),
+    cpu=dict(n_train=384, n_test=64, epochs=1, batch=8, lr=5e-5, new_tokens=48),
     gpu=dict(n_train=4672, n_test=630, epochs=2, batch=16, lr=2e-5, new_tokens=64),
 )
 smol, smol_tok = models.load_model(models.SMOLLM2)

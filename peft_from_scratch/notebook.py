@@ -112,6 +112,8 @@ def _jsonable(x):
 
 def start(name: str, profile: str = "auto", seed: int = 0, results_dir: str | Path = "results") -> Run:
     """Resolve the profile, seed everything, print the run's header, and return the Run."""
+    if os.environ.get("PFS_THREADS"):  # e.g. 1 on a shared machine: oversubscribed threads spin
+        torch.set_num_threads(int(os.environ["PFS_THREADS"]))
     run = Run(name, resolve_profile(profile), seed, Path(results_dir))
     set_seed(seed)
     if run.torch_device.type == "cpu":

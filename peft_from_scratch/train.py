@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the text bar: it renders in terminals and in committed notebooks alike
 
 __all__ = ["TrainConfig", "History", "train", "evaluate_loss", "set_seed", "lr_multiplier", "make_adamw"]
 
@@ -162,7 +162,7 @@ def train(model: nn.Module, train_loader: Iterable[Mapping], config: TrainConfig
     max_norm = math.inf if config.max_grad_norm is None else config.max_grad_norm
     batches = _micro_batches(train_loader, None if config.max_steps else config.epochs)
     tokens, eval_time, start = 0, 0.0, time.perf_counter()
-    bar = tqdm(range(1, total + 1), disable=not progress, desc=desc, unit="step")
+    bar = tqdm(range(1, total + 1), disable=not progress, desc=desc, unit="step", mininterval=10)  # few updates: keeps notebooks small
     for step in bar:  # one optimizer step = grad_accum micro-batches
         loss_sum = torch.zeros((), device=device)
         for _ in range(config.grad_accum):

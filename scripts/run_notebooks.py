@@ -92,9 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="folder for executed notebooks (default runs/<profile>)")
     ap.add_argument("--inplace", action="store_true", help="overwrite notebooks/ and notebooks/results")
     ap.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
+    ap.add_argument("--threads", type=int, help="torch threads in each notebook (default: torch's own)")
     ap.add_argument("only", nargs="*", help="run only these notebooks (name or number prefix)")
     args = ap.parse_args(argv)
     profile = resolve_profile(args.profile)
+    if args.threads:
+        os.environ["PFS_THREADS"] = str(args.threads)
     out = NOTEBOOKS if args.inplace else (args.out or REPO / "runs" / profile)
     results_dir = (NOTEBOOKS / "results") if args.inplace else out / "results"
     out.mkdir(parents=True, exist_ok=True)
@@ -109,11 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # keep going: one broken notebook should not hide the others' results
             failed.append(nb.name)
             print(f"  FAILED: {type(e).__name__}: {str(e)[:2000]}")
-    (out / "SUMMARY.md").write_text(summary(results_dir, profile))
+    summary_path = (results_dir if args.inplace else out) / "SUMMARY.md"
+    summary_path.write_text(summary(results_dir, profile))
     if args.inplace:  # the reading list links papers to notebooks: keep it in step
         from peft_from_scratch import bib
         bib.README_PATH.write_text(bib.render_reading_list())
-    print(f"summary: {out / 'SUMMARY.md'}")
+    print(f"summary: {summary_path}")
     if failed:
         print(f"failed notebooks: {failed}")
     return 1 if failed else 0
