@@ -6,9 +6,10 @@ A frozen linear layer W0 (d_out x d_in) gets a trainable low-rank update (paper,
 
 B starts at zero, so the adapted model starts identical to the base. The paper draws A from a
 Gaussian; peft and microsoft/loralib use Kaiming-uniform (a = sqrt(5)), the nn.Linear default,
-i.e. A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)), which we follow (the same distribution, not the same draws:
-peft first builds A and B as nn.Linear layers, which use up random numbers). rsLoRA (Kalajdzievski 2023) scales
-by alpha / sqrt(r) instead, which keeps the update's size stable as r grows. Dropout acts on the
+i.e. A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)), which we follow (the same distribution, not the same
+draws: peft first builds A and B as nn.Linear layers, which use up random numbers). rsLoRA
+(Kalajdzievski 2023) scales by alpha / sqrt(r) instead, which keeps the update's size stable as r
+grows. Dropout acts on the
 input of the LoRA branch only. Because BA has the shape of W0, it can be merged: W = W0 + (alpha/r) BA.
 """
 from __future__ import annotations
@@ -46,7 +47,7 @@ class LoRALinear(AdapterLayer):
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, init: str = "kaiming", name: str = ""):
         super().__init__(base_layer)
-        d_out, d_in = base_layer.weight.shape
+        d_out, d_in = base_layer.out_features, base_layer.in_features  # not weight.shape: a 4-bit base packs it
         if not 1 <= r <= min(d_in, d_out):
             raise ValueError(f"LoRA rank r={r} does not fit layer {name or 'Linear'} ({d_in} -> {d_out}): "
                              f"r must be between 1 and min(d_in, d_out) = {min(d_in, d_out)}")
@@ -259,7 +260,7 @@ def load_peft_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             problems.append(f"{key}: this model has no Linear layer {name!r}")
             continue
         layers.setdefault(name, set()).add(kind)
-        d_out, d_in = layer.weight.shape
+        d_out, d_in = layer.out_features, layer.in_features
         expected = {"A": (r, d_in), "B": (d_out, r), "m": (d_out,)}[kind]
         if tuple(tensor.shape) != expected:
             problems.append(f"{key}: shape {tuple(tensor.shape)}, but this model's {name} needs {expected}")
@@ -295,3 +296,43 @@ def load_peft_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     unexpected = model.load_state_dict(ours, strict=False).unexpected_keys
     assert not unexpected, unexpected   # every key was checked above
     return model
+
+
+# ----------------------------------------------------------------------------- peft in memory, side by side
+
+def peft_twin(base: nn.Module, config: LoRAConfig, task_type: str | None = None, b_std: float = 0.0, seed: int = 0):
+    """``(ours, peft's, pairs)``: our adapter and peft's ``LoraConfig`` twin on two deep copies of ``base``.
+
+    Ours is built first (B optionally drawn from N(0, b_std^2), as if trained); every adapter tensor is
+    then copied into peft through ``to_peft_key``, so both start from identical values. ``pairs`` maps
+    each of our trainable tensors to peft's, ready for ``equivalence.compare``. Both are returned in
+    eval mode (peft leaves its new modules in training mode).
+    """
+    import copy
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    ours = add_adapter(copy.deepcopy(base), config)
+    if b_std:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for layer in adapter_layers(ours).values():
+                layer.B.copy_(torch.randn(layer.B.shape, generator=g) * b_std)
+    task_type = task_type or _task_type(base)
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, use_rslora=config.use_rslora,
+        use_dora=config.method == "dora", target_modules=config.target_modules, task_type=task_type,
+        modules_to_save=list(config.modules_to_save) or None,
+        init_lora_weights="gaussian" if config.init == "gaussian" else True))
+    loaded = set_peft_model_state_dict(theirs, {to_peft_key(k): v for k, v in adapter_state_dict(ours).items()})
+    if loaded.unexpected_keys:
+        raise RuntimeError(f"peft did not take these tensors: {loaded.unexpected_keys[:5]}")
+    peft_params = dict(theirs.named_parameters())
+
+    def peft_name(key: str) -> str:   # our key -> peft's in-memory parameter name (adapter "default")
+        module, _, param = key.rpartition(".")
+        if param in PEFT_NAMES:
+            return f"{PEFT_PREFIX}{module}.{PEFT_NAMES[param].replace('.weight', '')}.default.weight"
+        return f"{PEFT_PREFIX}{module}.modules_to_save.default.{param}"
+
+    pairs = {k: (p, peft_params[peft_name(k)]) for k, p in ours.named_parameters() if p.requires_grad}
+    return ours.eval(), theirs.eval(), pairs

@@ -32,7 +32,57 @@ def expect_full_finetuning(r):
     assert m["e2e"]["eval_loss_after"] < m["e2e"]["eval_loss_before"]
 
 
-EXPECTED = {"00_overview": expect_overview, "01_full_finetuning": expect_full_finetuning}
+def expect_lora(r):
+    m = r["metrics"]
+    assert m["e2e"]["trainable_params"] < 0.01 * 134_515_008 and m["e2e"]["bleu"] == m["e2e"]["bleu_peft"]
+    assert all(d["max_rel"] < 1e-4 for d in m["equivalence"].values())
+
+
+def expect_dora(r):
+    assert r["metrics"]["norm_rel_err"] < 1e-5
+    assert set(r["metrics"]["correlation"]) == {"FT", "LoRA", "DoRA"}
+
+
+def expect_nf4_double_quant(r):
+    m = r["metrics"]
+    assert m["mse"]["NF4"] < m["mse"]["Int4"] and m["mse"]["NF4"] < m["mse"]["FP4"]
+    assert abs(m["bits_per_parameter"]["NF4+DQ"]["measured"] - 4.127) < 0.01
+    assert 1 < m["perplexity"]["NF4+DQ"] < 1.5 * m["perplexity"]["float32"]
+
+
+def expect_qlora(r):
+    m = r["metrics"]
+    assert m["e2e"]["QLoRA"]["test_loss"] < m["zero_shot_test_loss"]["NF4+DQ"]
+    assert m["e2e"]["QLoRA"]["steps"] == m["e2e"]["LoRA"]["steps"] > 0
+    assert m["equivalence"]["params"]["max_rel"] < 1e-4
+    assert m["memory_mb"]["QLoRA"]["total"] < m["memory_mb"]["LoRA"]["total"] < m["memory_mb"]["full FT"]["total"]
+
+
+def expect_houlsby_adapters(r):
+    s = r["metrics"]["sst2"]
+    assert all(0 <= s[k] <= 1 for k in s if k.startswith(("adapters_m", "top", "pfeiffer")) and "trainable" not in k)
+    assert s["adapters_m8_trainable"] < s["adapters_m64_trainable"] < 22_713_986
+    assert r["metrics"]["layer_max_diff"] < 1e-5
+
+
+def expect_prefix_tuning(r):
+    e = r["metrics"]["e2e"]
+    assert 0 <= e["bleu"] <= 100 and e["test_loss"] > 0 and e["zero_shot_test_loss"] > 0
+    assert e["trainable_params_kept"] < e["trainable_params_training"]
+    assert r["metrics"]["fold_max_diff"] < 1e-5 and r["metrics"]["ablation_test_loss"]
+
+
+def expect_prompt_tuning(r):
+    s = r["metrics"]["sst2"]
+    assert all(0 <= s[k] <= 1 for k in ("zero_shot", "init_random", "init_vocab", "init_text", "init_labels", "p_tuning_lstm"))
+    assert s["prompt_trainable_n20"] == 20 * 576
+
+
+EXPECTED = {"00_overview": expect_overview, "01_full_finetuning": expect_full_finetuning,
+            "02_lora": expect_lora, "03_dora": expect_dora,
+            "04_nf4_double_quant": expect_nf4_double_quant, "05_qlora": expect_qlora,
+            "06_houlsby_adapters": expect_houlsby_adapters, "07_prefix_tuning": expect_prefix_tuning,
+            "08_prompt_tuning": expect_prompt_tuning}
 
 
 def test_every_notebook_is_listed_here():

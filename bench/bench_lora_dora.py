@@ -1,0 +1,312 @@
+"""Training-step time and memory of our LoRA and DoRA against peft's, on SmolLM2-135M.
+
+Setting: SmolLM2-135M-Instruct in float32, r = 16, alpha = 32, every linear layer of the decoder
+(q, k, v, o, gate, up, down: 210 layers; not the tied lm_head), batch 4 x 128 random tokens with
+labels = inputs, AdamW (lr 1e-4). A step is forward + backward + ``optimizer.step()`` +
+``zero_grad()``: the same function for all four models, on the same batches.
+
+One run of this script = one measurement. All four models (peft LoRA, ours LoRA, peft DoRA, ours
+DoRA) live in the process at once and are stepped round-robin, the order rotating each round, so a
+change in the machine's load hits all four alike; ``--warmup`` steps each are not timed, then the
+median of ``--steps`` timed steps is reported, and the ratios ours / peft come from these medians.
+torch uses as many threads as the machine has cores (``--threads`` to change it).
+
+Memory, two numbers per model, each from a fresh subprocess holding only that model:
+
+* ``saved_mib``: bytes of the tensors autograd saves for backward during one forward (counted
+  through ``torch.autograd.graph.saved_tensors_hooks``, each storage once; parameters excluded).
+  This is the activation memory a method adds, independent of the allocator.
+* CPU ``step_peak_rss_mib``: peak resident memory during one step (after the warm-up, so the
+  optimizer state already exists) minus resident memory just before it. The peak is reset through
+  ``/proc/self/clear_refs`` and read from VmHWM; glibc's malloc is told to return every allocation
+  over 64 KiB to the system (``MALLOC_MMAP_THRESHOLD_``), so freed activations leave RSS and the
+  delta tracks what the step allocates. It includes the gradients of the adapter, the logits
+  (4 x 128 x 49152 floats = 96 MiB, the same for all) and allocator slack.
+* CUDA ``step_peak_mib``: ``torch.cuda.max_memory_allocated`` during the step minus allocated memory
+  before it.
+
+    python bench/bench_lora_dora.py [--device cpu|cuda] [--steps 10] [--warmup 2]
+
+Writes bench/results/lora_dora_<device-slug>.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from peft_from_scratch import core  # noqa: E402
+from peft_from_scratch.dora import DoRAConfig  # noqa: E402
+from peft_from_scratch.lora import LoRAConfig  # noqa: E402
+from peft_from_scratch.models import SMOLLM2, load_model  # noqa: E402
+
+CONFIGS = ["peft-lora", "ours-lora", "peft-dora", "ours-dora"]
+R, ALPHA, BATCH, SEQ, LR = 16, 32, 4, 128, 1e-4
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ----------------------------------------------------------------------------- the models and the step
+
+def build(name: str, base, device: str):
+    """One of CONFIGS on a deep copy of ``base``, with its AdamW optimizer."""
+    owner, method = name.split("-")
+    model = copy.deepcopy(base)
+    if owner == "ours":
+        config = (DoRAConfig if method == "dora" else LoRAConfig)(r=R, alpha=ALPHA, target_modules=TARGETS)
+        core.add_adapter(model, config)
+    else:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS,
+                                                 use_dora=method == "dora", task_type="CAUSAL_LM"))
+    model.to(device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    return model, optimizer
+
+
+def make_batches(n: int, vocab: int, device: str) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        x = torch.randint(0, vocab, (BATCH, SEQ), generator=g).to(device)
+        out.append({"input_ids": x, "labels": x})
+    return out
+
+
+def step(model, optimizer, batch) -> None:
+    model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- time
+
+def time_all(base, device: str, steps: int, warmup: int) -> dict:
+    models = {name: build(name, base, device) for name in CONFIGS}
+    trainable = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, (m, _) in models.items()}
+    batches = make_batches(warmup + steps, base.config.vocab_size, device)
+    times = {name: [] for name in CONFIGS}
+    loads = []
+    for i, batch in enumerate(batches):
+        order = CONFIGS[i % 4:] + CONFIGS[:i % 4]            # rotate who goes first
+        for name in order:
+            model, optimizer = models[name]
+            sync(device)
+            t = time.perf_counter()
+            step(model, optimizer, batch)
+            sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t)
+        if i >= warmup:
+            loads.append(load_average()[0] if load_average() else None)
+        print(f"  round {i + 1}/{len(batches)}" + ("" if i >= warmup else " (warm-up)") + ": "
+              + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in CONFIGS if i >= warmup), flush=True)
+    out = {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "steps_s": t,
+                  "trainable_params": trainable[name]} for name, t in times.items()}
+    out["load_1min_per_round"] = loads
+    return out
+
+
+# ----------------------------------------------------------------------------- memory (one subprocess per model)
+
+def _rss_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def measure_memory(name: str, device: str, warmup: int) -> dict:
+    """Runs inside the subprocess: build one model, warm up, then measure one step."""
+    base, _ = load_model(SMOLLM2)
+    model, optimizer = build(name, base, device)
+    del base
+    batches = make_batches(warmup + 2, model.config.vocab_size, device)
+    for batch in batches[:warmup]:
+        step(model, optimizer, batch)
+
+    # Saved for backward: every tensor autograd packs during the forward, counted if it is still
+    # alive when the forward returns (a graph that was built and dropped inside the forward, like
+    # peft's B(A(eye)), frees its tensors at once) and once per storage, parameters excluded.
+    packed = []
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(weakref.ref(t)) or t, lambda t: t):
+        loss = model(**batches[warmup]).loss
+    alive = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (r() for r in packed)
+             if t is not None and t.untyped_storage().data_ptr() not in params}
+    loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    del loss
+    result = {"saved_mib": sum(alive.values()) / 2**20}
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(model, optimizer, batches[warmup + 1])
+        torch.cuda.synchronize()
+        result["step_peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    else:
+        with open("/proc/self/clear_refs", "w") as f:   # reset VmHWM (the peak) to the current RSS
+            f.write("5")
+        before = _rss_kib("VmRSS")
+        step(model, optimizer, batches[warmup + 1])
+        result["step_peak_rss_mib"] = (_rss_kib("VmHWM") - before) / 2**10
+    return result
+
+
+def memory_all(device: str, warmup: int) -> dict:
+    out = {}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    for name in CONFIGS:
+        cmd = [sys.executable, __file__, "--memory-child", name, "--device", device, "--warmup", str(warmup),
+               "--threads", str(torch.get_num_threads())]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  memory {name}: {out[name]}", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+def machine(device: str) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        import peft
+        import transformers
+        info["peft"], info["transformers"] = peft.__version__, transformers.__version__
+    except ImportError:
+        pass
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor() or "unknown"
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
+    except OSError:
+        return None
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def markdown(result: dict) -> str:
+    m, t, mem = result["machine"], result["time"], result["memory"]
+    mem_key = "step_peak_mib" if result["device"] == "cuda" else "step_peak_rss_mib"
+    mem_name = "step peak (MiB)" if result["device"] == "cuda" else "step peak RSS delta (MiB)"
+    where = m.get("gpu") or m["cpu"]
+    lines = [
+        f"# LoRA and DoRA training step: ours vs peft {m.get('peft', '')}",
+        "",
+        f"Machine: {where}; {m['cpu_count']} cores, torch {m['torch']} with {m['torch_threads']} threads "
+        f"({m['cpu_capability']}), transformers {m.get('transformers', '?')}. "
+        f"Load average before / after: {result['load_before']} / {result['load_after']}.",
+        "",
+        f"SmolLM2-135M-Instruct, float32, r={R}, alpha={ALPHA}, q/k/v/o/gate/up/down in all 30 layers, "
+        f"batch {BATCH} x {SEQ}, AdamW. Step = forward + backward + optimizer step. Median of "
+        f"{result['steps']} steps after {result['warmup']} warm-up steps, the four models interleaved "
+        "round-robin in one process. Ratios are ours / peft.",
+        "",
+        f"| method | model | step median (s) | min-max (s) | ours/peft time | saved for backward (MiB) | {mem_name} | trainable params |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method in ("lora", "dora"):
+        for owner in ("peft", "ours"):
+            name = f"{owner}-{method}"
+            ratio = f"**{result['ratios'][method]['time']:.3f}**" if owner == "ours" else ""
+            lines.append(f"| {'LoRA' if method == 'lora' else 'DoRA'} | {owner} | {t[name]['median_s']:.3f} | "
+                         f"{t[name]['min_s']:.3f}-{t[name]['max_s']:.3f} | {ratio} | {mem[name]['saved_mib']:.1f} | "
+                         f"{mem[name][mem_key]:.1f} | {t[name]['trainable_params']:,} |")
+    lines += ["", "| ours / peft | time (ratio of medians) | time (ratio of minima) | time (median of per-round ratios) "
+              "| saved for backward | step peak |", "|---|---|---|---|---|---|"]
+    for meth, r in result["ratios"].items():
+        lines.append(f"| {'LoRA' if meth == 'lora' else 'DoRA'} | **{r['time']:.3f}** | {r['time_min']:.3f} | "
+                     f"{r['time_paired']:.3f} | {r['saved']:.3f} | {r['peak']:.3f} |")
+    loads = [x for x in t["load_1min_per_round"] if x is not None]
+    lines += ["", "Each round steps the four models back to back, so the per-round ratio compares steps taken under "
+              "nearly the same load; the minimum is the least disturbed step. "
+              + (f"1-minute load average during the timed rounds: {min(loads):.2f} to {max(loads):.2f} "
+                 f"on {m['cpu_count']} cores (other jobs shared the machine)." if loads else ""), "",
+        "What is measured: see the docstring of bench/bench_lora_dora.py. The saved-for-backward bytes "
+        "count each storage autograd keeps once (parameters excluded); the step peak is the peak "
+        + ("allocated CUDA memory during a step minus the memory allocated before it."
+           if result["device"] == "cuda" else
+           "resident set size during a step (VmHWM after resetting it) minus RSS before it, in a fresh process "
+           "per model with glibc's mmap threshold fixed at 64 KiB so freed tensors leave RSS."),
+        ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        torch.set_num_threads(args.threads)
+        print(json.dumps(measure_memory(args.memory_child, args.device, args.warmup)))
+        return
+
+    torch.set_num_threads(args.threads)
+    load_before = load_average()
+    print(f"memory, one subprocess per model ({args.device})", flush=True)
+    memory = memory_all(args.device, args.warmup)
+    print(f"time: {args.warmup} warm-up + {args.steps} timed steps per model, round-robin", flush=True)
+    base, _ = load_model(SMOLLM2)
+    times = time_all(base, args.device, args.steps, args.warmup)
+    mem_key = "step_peak_mib" if args.device == "cuda" else "step_peak_rss_mib"
+    ratios = {}
+    for method in ("lora", "dora"):
+        ours, peft = times[f"ours-{method}"], times[f"peft-{method}"]
+        ratios[method] = {
+            "time": ours["median_s"] / peft["median_s"],                   # the headline: ratio of medians
+            "time_min": ours["min_s"] / peft["min_s"],                     # of the least disturbed steps
+            "time_paired": statistics.median(a / b for a, b in zip(ours["steps_s"], peft["steps_s"])),
+            "saved": memory[f"ours-{method}"]["saved_mib"] / memory[f"peft-{method}"]["saved_mib"],
+            "peak": memory[f"ours-{method}"][mem_key] / memory[f"peft-{method}"][mem_key]}
+    info = machine(args.device)
+    result = {"device": args.device, "machine": info, "steps": args.steps, "warmup": args.warmup,
+              "load_before": load_before, "load_after": load_average(),
+              "setting": {"model": SMOLLM2, "r": R, "alpha": ALPHA, "targets": TARGETS, "batch": BATCH,
+                          "seq": SEQ, "lr": LR, "dtype": "float32"},
+              "time": times, "memory": memory, "ratios": ratios}
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"lora_dora_{slug(args.device + '-' + (info.get('gpu') or info['cpu']))}"
+    if args.threads != os.cpu_count():
+        name += f"_{args.threads}threads"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
