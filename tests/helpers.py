@@ -13,7 +13,6 @@ The pattern every equivalence test follows:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
 from peft_from_scratch import core
+from peft_from_scratch.equivalence import Diff  # the same report the notebooks print
 from peft_from_scratch.lora import PEFT_PREFIX, LoRAConfig, from_peft_key, to_peft_key
 
 # Float32 tolerances for "agrees with peft": what rounding in a different but equal formula gives.
@@ -95,28 +95,6 @@ def peft_param(peft_model, our_key: str) -> torch.Tensor:
 
 def trainable(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-@dataclass
-class Diff:
-    """Largest absolute difference, the same relative to the reference's largest entry, and how many
-    elements failed ``|ours - ref| <= atol * max(1, max|ref|) + rtol * |ref|``."""
-    abs: float = 0.0
-    rel: float = 0.0
-    outside: int = 0
-    total: int = 0
-
-    def update(self, ours: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float) -> None:
-        ours, ref = ours.detach().double(), ref.detach().double()
-        d = (ours - ref).abs()
-        scale = ref.abs().max().item()
-        self.abs = max(self.abs, d.max().item())
-        self.rel = max(self.rel, d.max().item() / max(scale, 1e-30))
-        self.outside += (d > atol * max(scale, 1.0) + rtol * ref.abs()).sum().item()
-        self.total += d.numel()
-
-    def __str__(self):
-        return f"max abs {self.abs:.2e}, max rel {self.rel:.2e}, outside tolerance {self.outside}/{self.total}"
 
 
 def compare_with_peft(ours, theirs, data, steps=STEPS, lr=LR, rtol=RTOL, atol=ATOL, adam_outliers=0.0):
