@@ -31,13 +31,7 @@ RTOL, ATOL = 1e-5, 1e-6
 STEPS, LR = 5, 1e-2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: the test machine is small and shared (oversubscribed OpenMP is much slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.helpers import one_thread  # noqa: E402,F401  (autouse, module scope: these tests run on one thread)
 
 
 def tokens(seed=0, vocab=128, shape=(2, 10)):

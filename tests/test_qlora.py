@@ -40,12 +40,7 @@ LOGITS_ATOL = 1e-4      # logits of size ~35; float32 rounding of another summat
 LORA_ATOL = 1e-6        # LoRA weights (size ~0.05) after 3 AdamW steps of lr 1e-3; observed: 0.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.helpers import one_thread  # noqa: E402,F401  (autouse, module scope: these tests run on one thread)
 
 
 # ----------------------------------------------------------------------------- SmolLM2: ours vs bnb + peft
