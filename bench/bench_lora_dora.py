@@ -251,7 +251,8 @@ def markdown(result: dict) -> str:
     lines += ["", "Each round steps the four models back to back, so the per-round ratio compares steps taken under "
               "nearly the same load; the minimum is the least disturbed step. "
               + (f"1-minute load average during the timed rounds: {min(loads):.2f} to {max(loads):.2f} "
-                 f"on {m['cpu_count']} cores (other jobs shared the machine)." if loads else ""), "",
+                 f"on {m['cpu_count']} cores, this benchmark's own {m['torch_threads']} thread(s) included."
+                 if loads else ""), "",
         "What is measured: see the docstring of bench/bench_lora_dora.py. The saved-for-backward bytes "
         "count each storage autograd keeps once (parameters excluded); the step peak is the peak "
         + ("allocated CUDA memory during a step minus the memory allocated before it."
@@ -277,11 +278,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     load_before = load_average()
-    print(f"memory, one subprocess per model ({args.device})", flush=True)
-    memory = memory_all(args.device, args.warmup)
     print(f"time: {args.warmup} warm-up + {args.steps} timed steps per model, round-robin", flush=True)
     base, _ = load_model(SMOLLM2)
     times = time_all(base, args.device, args.steps, args.warmup)
+    del base
+    print(f"memory, one subprocess per model ({args.device})", flush=True)
+    memory = memory_all(args.device, args.warmup)
     mem_key = "step_peak_mib" if args.device == "cuda" else "step_peak_rss_mib"
     ratios = {}
     for method in ("lora", "dora"):

@@ -117,7 +117,8 @@ def compare_with_peft(ours, theirs, data, steps=STEPS, lr=LR, rtol=RTOL, atol=AT
 
     def check(a, b, what, diff):
         diff.update(a, b, rtol, atol)
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol * max(b.abs().max().item(), 1.0), msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol * max(b.abs().max().item(), 1.0),
+                                   msg=lambda m: f"{what}: {m}")
 
     diffs = {"logits": Diff(), "grads": Diff(), "params": Diff()}
     opt_ours = torch.optim.AdamW(ours_params.values(), lr=lr)
@@ -136,7 +137,8 @@ def compare_with_peft(ours, theirs, data, steps=STEPS, lr=LR, rtol=RTOL, atol=AT
     for k, p in ours_params.items():
         diffs["params"].update(p, their_params[k], rtol, atol)
         assert (p - their_params[k]).abs().max() <= 2 * lr * steps, f"{k} after {steps} AdamW steps"
-    assert diffs["params"].outside <= adam_outliers * diffs["params"].total, f"after {steps} AdamW steps: {diffs['params']}"
+    assert diffs["params"].outside <= adam_outliers * diffs["params"].total, \
+        f"after {steps} AdamW steps: {diffs['params']}"
     return diffs
 
 

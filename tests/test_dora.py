@@ -5,7 +5,6 @@ Tolerances (float32), in tests/helpers.py: every compared tensor passes
 below say where and why they allow more.
 """
 import copy
-import math
 
 import pytest
 import torch
@@ -219,7 +218,8 @@ def test_merge_unmerge_and_peft_merged_weights():
         core.merge_adapter(ours)
     merged_peft = theirs.merge_and_unload()
     for name, layer in core.adapter_layers(ours).items():   # W' = m (W0 + sBA) / ||W0 + sBA||_c, as peft
-        torch.testing.assert_close(layer.base_layer.weight, merged_peft.get_submodule(name).weight, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(layer.base_layer.weight, merged_peft.get_submodule(name).weight,
+                                   rtol=RTOL, atol=ATOL)
     core.unmerge_adapter(ours)
     for name, layer in core.adapter_layers(ours).items():
         torch.testing.assert_close(layer.base_layer.weight, base.get_submodule(name).weight, rtol=0, atol=1e-6)

@@ -53,7 +53,8 @@ def test_matches_peft_on_minilm_seq_cls():
 
 
 def test_rslora_scaling_equals_peft():
-    ours, theirs = make_pair(tiny_llama(), LoRAConfig(r=8, alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj"]))
+    config = LoRAConfig(r=8, alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj"])
+    ours, theirs = make_pair(tiny_llama(), config)
     for name, layer in core.adapter_layers(ours).items():
         assert layer.scaling == pytest.approx(16 / 8 ** 0.5)
         assert layer.scaling == theirs.get_submodule("base_model.model." + name).scaling["default"]
