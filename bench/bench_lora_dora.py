@@ -98,14 +98,16 @@ def sync(device: str) -> None:
 
 # ----------------------------------------------------------------------------- time
 
-def time_all(base, device: str, steps: int, warmup: int) -> dict:
-    models = {name: build(name, base, device) for name in CONFIGS}
+def time_all(base, device: str, steps: int, warmup: int, build=build, configs=CONFIGS) -> dict:
+    """Median step time of each of ``configs`` (built by ``build(name, base, device)``), stepped round-robin."""
+    models = {name: build(name, base, device) for name in configs}
     trainable = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, (m, _) in models.items()}
     batches = make_batches(warmup + steps, base.config.vocab_size, device)
-    times = {name: [] for name in CONFIGS}
+    times = {name: [] for name in configs}
     loads = []
     for i, batch in enumerate(batches):
-        order = CONFIGS[i % 4:] + CONFIGS[:i % 4]            # rotate who goes first
+        k = i % len(configs)
+        order = configs[k:] + configs[:k]                    # rotate who goes first
         for name in order:
             model, optimizer = models[name]
             sync(device)
@@ -117,7 +119,7 @@ def time_all(base, device: str, steps: int, warmup: int) -> dict:
         if i >= warmup:
             loads.append(load_average()[0] if load_average() else None)
         print(f"  round {i + 1}/{len(batches)}" + ("" if i >= warmup else " (warm-up)") + ": "
-              + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in CONFIGS if i >= warmup), flush=True)
+              + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in configs if i >= warmup), flush=True)
     out = {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "steps_s": t,
                   "trainable_params": trainable[name]} for name, t in times.items()}
     out["load_1min_per_round"] = loads
@@ -133,7 +135,7 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def measure_memory(name: str, device: str, warmup: int) -> dict:
+def measure_memory(name: str, device: str, warmup: int, build=build) -> dict:
     """Runs inside the subprocess: build one model, warm up, then measure one step."""
     base, _ = load_model(SMOLLM2)
     model, optimizer = build(name, base, device)
@@ -172,11 +174,12 @@ def measure_memory(name: str, device: str, warmup: int) -> dict:
     return result
 
 
-def memory_all(device: str, warmup: int) -> dict:
+def memory_all(device: str, warmup: int, script: str = __file__, configs=CONFIGS) -> dict:
+    """measure_memory for each of ``configs``, each in a fresh ``script --memory-child NAME`` process."""
     out = {}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
-    for name in CONFIGS:
-        cmd = [sys.executable, __file__, "--memory-child", name, "--device", device, "--warmup", str(warmup),
+    for name in configs:
+        cmd = [sys.executable, script, "--memory-child", name, "--device", device, "--warmup", str(warmup),
                "--threads", str(torch.get_num_threads())]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         out[name] = json.loads(proc.stdout.strip().splitlines()[-1])

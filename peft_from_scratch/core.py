@@ -61,6 +61,11 @@ class AdapterLayer(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
 
+    def state_problems(self, state: dict[str, torch.Tensor], prefix: str) -> list[str]:
+        """Why the saved tensors ``state[prefix + name]`` cannot be loaded into this layer, beyond the
+        missing keys and shapes ``load_adapter`` checks itself (RoSA: values without their mask)."""
+        return []
+
     def _merge(self) -> None:
         self.base_layer.weight.data += self.delta_weight().to(self.base_layer.weight.dtype)
 
@@ -367,7 +372,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     if added:
         add_adapter(model, saved)
     own = adapter_state_dict(model)
-    problems = sorted(set(own) ^ set(state)) + [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    problems = [p for name, layer in adapter_layers(model).items() for p in layer.state_problems(state, name + ".")]
+    problems += sorted(set(own) ^ set(state)) + [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
     if problems:
         if added:
             remove_adapter(model)

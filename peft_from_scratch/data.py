@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # the repository's data/ folder
 AGNEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]  # label ids 0..3, the standard order
 SST2_WORDS = ["negative", "positive"]                          # label 0 / 1 as an LM answers it
+AGNEWS_WORDS = ["World", "Sports", "Business", "Science"]       # AG News labels as one-token answers
 IGNORE_INDEX = -100                                            # labels the loss skips
 
 
@@ -227,6 +228,12 @@ def gsm8k_example(row: dict) -> tuple[str, str]:
 def sst2_generation_example(row: dict) -> tuple[str, str]:
     """("Review: ...\\nIs this review positive or negative?", "positive" or "negative")."""
     return f"Review: {row['text']}\nIs this review positive or negative?", SST2_WORDS[row["label"]]
+
+
+def agnews_generation_example(row: dict) -> tuple[str, str]:
+    """("Article: ...\nIs this news about World, Sports, Business or Science?", one of ``AGNEWS_WORDS``)."""
+    return (f"Article: {row['text']}\nIs this news about World, Sports, Business or Science?",
+            AGNEWS_WORDS[row["label"]])
 
 
 def tokenize_causal(dataset: Dataset, tokenizer, example_fn: Callable[[dict], tuple[str, str]],

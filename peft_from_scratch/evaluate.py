@@ -30,6 +30,46 @@ def accuracy(model: nn.Module, loader) -> float:
     return correct / total
 
 
+def label_token_ids(tokenizer, words: list[str]) -> list[int]:
+    """The token id of each label word; each must be a single token (else rank classification is ambiguous)."""
+    ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+    long = [w for w, i in zip(words, ids) if len(i) != 1]
+    if long:
+        raise ValueError(f"label words must be single tokens for this tokenizer; {long} are not "
+                         f"({[len(i) for w, i in zip(words, ids) if len(i) != 1]} tokens)")
+    return [i[0] for i in ids]
+
+
+@torch.no_grad()
+def label_word_accuracy(model: nn.Module, tokenizer, rows, example_fn, words: list[str], batch_size: int = 16) -> float:
+    """Rank classification: the share of ``rows`` where, at the answer position after the chat-formatted
+    prompt ``example_fn(row)[0]``, the logit of the right label word is the largest among ``words``.
+
+    Unlike parsing greedy generations it always yields a class, and it is the decision greedy decoding
+    makes once the model answers in format. Works with soft prompts and prefixes: the answer position
+    is counted from the end of the logits (right padding), so virtual tokens in front shift nothing.
+    """
+    label_ids = label_token_ids(tokenizer, words)
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "right"      # then the answer position is the last real token (+ n virtual ones)
+    texts = [chat_prompt(tokenizer, example_fn(r)[0]) for r in rows]
+    labels = torch.tensor(list(rows["label"]))
+    correct = 0
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(_device(model)) for k, v in enc.items()}
+            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+            last = enc["attention_mask"].sum(1) - 1 + (logits.shape[1] - enc["input_ids"].shape[1])
+            pred = logits[torch.arange(len(last)), last][:, label_ids].argmax(-1).cpu()
+            correct += (pred == labels[i:i + batch_size]).sum().item()
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return correct / len(texts)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
              system: str | None = None) -> list[str]:

@@ -1,8 +1,8 @@
 """Houlsby bottleneck adapters. peft has no bottleneck adapters, so the reference is the paper's
 equations written out here from the raw weights (one BERT layer recomputed by hand), plus the
 near-identity init, the parameter count 2 x (2dm + d + m) per layer + layer norms, the train/freeze
-sets and the save/load round trip. (The AdapterHub ``adapters`` comparison needs another environment
-and is not done here.)
+sets and the save/load round trip. (The AdapterHub ``adapters`` comparison needs transformers 4.57 in
+a side environment; it is in tests/test_adapterhub.py, through peft_from_scratch/adapterhub.py.)
 """
 from __future__ import annotations
 

@@ -63,12 +63,14 @@ def expect_houlsby_adapters(r):
     assert all(0 <= s[k] <= 1 for k in s if k.startswith(("adapters_m", "top", "pfeiffer")) and "trainable" not in k)
     assert s["adapters_m8_trainable"] < s["adapters_m64_trainable"] < 22_713_986
     assert r["metrics"]["layer_max_diff"] < 1e-5
+    assert r["metrics"]["adapterhub"]["params"]["max_rel"] < 1e-4 and r["metrics"]["adapterhub"]["adapter_effect"] > 0.1
 
 
 def expect_prefix_tuning(r):
     e = r["metrics"]["e2e"]
     assert 0 <= e["bleu"] <= 100 and e["test_loss"] > 0 and e["zero_shot_test_loss"] > 0
     assert e["trainable_params_kept"] < e["trainable_params_training"]
+    assert e["lora_same_budget"]["trainable_params"] == e["trainable_params_kept"]
     assert r["metrics"]["fold_max_diff"] < 1e-5 and r["metrics"]["ablation_test_loss"]
 
 
@@ -76,13 +78,24 @@ def expect_prompt_tuning(r):
     s = r["metrics"]["sst2"]
     assert all(0 <= s[k] <= 1 for k in ("zero_shot", "init_random", "init_vocab", "init_text", "init_labels", "p_tuning_lstm"))
     assert s["prompt_trainable_n20"] == 20 * 576
+    a = r["metrics"]["agnews"]
+    assert set(a) == {"zero_shot", "prompt_labels_init", "p_tuning_lstm", "majority_baseline"}
+    assert all(0 <= v <= 1 for v in a.values())
+
+
+def expect_rosa(r):
+    g = r["metrics"]["gsm8k"]
+    assert {"LoRA r=16", "SpA", "RoSA r=12"} <= set(g)
+    assert len({g[k]["trainable_params"] for k in ("LoRA r=16", "SpA", "RoSA r=12")}) == 1
+    assert all(0 <= g[k]["solved"] <= 1 and g[k]["test_loss"] > 0 for k in ("LoRA r=16", "SpA", "RoSA r=12"))
+    assert r["metrics"]["equivalence"]["shira"]["params"]["max_rel"] < 1e-4
 
 
 EXPECTED = {"00_overview": expect_overview, "01_full_finetuning": expect_full_finetuning,
             "02_lora": expect_lora, "03_dora": expect_dora,
             "04_nf4_double_quant": expect_nf4_double_quant, "05_qlora": expect_qlora,
             "06_houlsby_adapters": expect_houlsby_adapters, "07_prefix_tuning": expect_prefix_tuning,
-            "08_prompt_tuning": expect_prompt_tuning}
+            "08_prompt_tuning": expect_prompt_tuning, "09_rosa": expect_rosa}
 
 
 def test_every_notebook_is_listed_here():

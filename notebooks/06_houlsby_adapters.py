@@ -36,6 +36,7 @@ results_dir = "results"
 # %%
 import copy
 import inspect
+import itertools
 import math
 
 import matplotlib.pyplot as plt
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from IPython.display import Markdown, display
 
-from peft_from_scratch import bib, core, data, evaluate, models
+from peft_from_scratch import adapterhub, bib, core, data, evaluate, models
 from peft_from_scratch.adapters import Bottleneck, HoulsbyAdapterLinear, HoulsbyConfig, adapter_parameter_count
 from peft_from_scratch.notebook import load_results, start
 from peft_from_scratch.train import TrainConfig, train
@@ -131,14 +132,11 @@ print("only adapters, LayerNorms and the head train:",
           for n, p in adapted.named_parameters() if p.requires_grad))
 
 # %% [markdown]
-# ## 3. The check: one adapted layer against the paper's equations
+# ## 3. Two checks: the paper's equations, and AdapterHub
 #
-# `peft` has no bottleneck adapters (huggingface/peft#244 is still open), so there is no reference
-# library in our environment to compare with. AdapterHub's `adapters` has them
-# (`DoubleSeqBnConfig`), but it pins transformers 4.57 and needs a separate environment: that
-# comparison was **not done** in this session. The independent check here is the paper itself: we
-# give the adapters non-trivial values and recompute layer 0 of MiniLM from its raw weights, by the
-# two equations above, with no module of ours in the loop.
+# `peft` has no bottleneck adapters (huggingface/peft#244 is still open). The first independent
+# check is the paper itself: we give the adapters non-trivial values and recompute layer 0 of
+# MiniLM from its raw weights, by the two equations above, with no module of ours in the loop.
 
 # %%
 def adapter_by_hand(h, a):
@@ -185,6 +183,32 @@ adapter_effect = (ours_out - plain_out).abs().max().item()
 # NBVAL_CHECK_OUTPUT
 print("adapted BERT layer equals the paper's equations by hand (atol 1e-5):", layer_diff < 1e-5)
 print("and the adapters do change the layer (difference > 1e-2):", adapter_effect > 1e-2)
+
+# %% [markdown]
+# The second is the reference library for bottleneck adapters, AdapterHub's `adapters` (1.3.0),
+# whose Houlsby configuration is `DoubleSeqBnConfig`. It pins transformers 4.57, which cannot live
+# beside our transformers 5, so `adapterhub.compare` installs it once into a cached side directory
+# (`requirements/adapterhub.txt`) and runs it in a subprocess on the same MiniLM weights: our
+# adapter values (made non-trivial) copied into AdapterHub's model, then logits at every step,
+# gradients at the first, and all trained tensors (adapters, LayerNorms, head) after five AdamW
+# steps on real SST-2 batches. Two of AdapterHub's defaults differ from the paper and from us: the
+# non-linearity (swish; the paper's code uses GELU) and the frozen LayerNorms, so the comparison
+# sets GELU and unfreezes them (`peft_from_scratch/adapterhub.py` lists every difference found).
+
+# %%
+hub_batches = list(itertools.islice(data.make_loader(data.tokenize_classification(
+    data.load_sst2("train", n=16, seed=seed), mtok, max_length=64), 8, pad_token_id=mtok.pad_token_id), 2))
+hub_model = copy.deepcopy(adapted)
+adapterhub.perturb(hub_model, seed=seed)                 # "trained" values, far from the near-identity init
+hub_report = adapterhub.compare(hub_model, hub_batches, steps=5, lr=1e-3, rtol=1e-5, atol=1e-6)
+print(hub_report.reference)
+print(f"the adapters move the logits by {100 * hub_report.adapter_effect:.0f}% of their size, so the check is not vacuous")
+print(hub_report.table())
+del hub_model
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(hub_report.verdict())
 
 # %% [markdown]
 # ## 4. MiniLM on SST-2: bottleneck size vs training the top layers vs full fine-tuning
@@ -286,7 +310,7 @@ display(Markdown(f"""
 | extra parameters per task | ~3.6% of the model (abstract) | {frac_64:.2f}% at m = 64 (adapters + LayerNorms), {100 * (adapters[min(adapters)]['trainable'] - n_head) / base_total:.2f}% at m = {min(adapters)} |
 | top layers only | clearly below adapters at equal size (Figure 3) | {', '.join(f"k={k}: {topk[k]['accuracy']:.3f} ({topk[k]['trainable']:,d} params)" for k in topk)} |
 | adapted layer = the paper's equations | | {layer_diff < 1e-5} (max difference {layer_diff:.1e}) |
-| compared with AdapterHub `adapters` | | not done (needs transformers 4.57 in a separate environment) |
+| ours = AdapterHub `adapters` `DoubleSeqBnConfig` (logits, grads, 5 AdamW steps, MiniLM) | | {hub_report.passed} (max relative difference {max(d.rel for d in hub_report.diffs.values()):.1e}) |
 """))
 
 # %% [markdown]
@@ -309,6 +333,7 @@ display(Markdown(f"""
 claims = {
     "near_identity_at_init": rel[1e-2] < 1e-2 and rel[1e-3] > 0,
     "adapter_layer_matches_papers_equations": layer_diff < 1e-5,
+    "matches_adapterhub_logits_grads_and_5_steps": hub_report.passed,
     "parameter_count_matches_2x_2dm_plus_d_plus_m_per_layer": n_adapter == adapter_parameter_count(d, m_demo, 2 * L),
     "pfeiffer_has_half_the_adapter_parameters": pfeiffer["trainable"] - n_norms - n_head
                                                 == (adapters[m_place]["trainable"] - n_norms - n_head) // 2,
@@ -326,6 +351,8 @@ run.save(
              | {"pfeiffer_m64": pfeiffer["accuracy"], "pfeiffer_m64_trainable": pfeiffer["trainable"],
                 "steps": adapters[best_m]["steps"], "full_finetuning": ft["accuracy_after"]},
              "init_rel_change": {str(k): v for k, v in rel.items()}, "layer_max_diff": layer_diff,
+             "adapterhub": {"reference": hub_report.reference, "adapter_effect": hub_report.adapter_effect}
+                           | {k: {"max_abs": d.abs, "max_rel": d.rel} for k, d in hub_report.diffs.items()},
              "percent_params_m64": frac_64, "baseline_profile": baseline["profile"]},
     claims=claims,
 )

@@ -318,9 +318,12 @@ claims = {
     "packed_base_unchanged_by_training": packed_unchanged,
     "qlora_test_loss_below_zero_shot": results["QLoRA"]["loss"] < zero_shot["NF4+DQ"],
     "qlora_needs_less_memory_than_float_lora": memory["QLoRA"]["total"] < memory["LoRA"]["total"],
+    # the paper's point, with our margin: after the same steps from the same start, QLoRA's test loss is
+    # within 5% of float LoRA's (the 4-bit base alone moves the zero-shot loss by about as much)
+    "qlora_test_loss_within_5_percent_of_float_lora": abs(results["QLoRA"]["loss"] - results["LoRA"]["loss"])
+                                                      < 0.05 * results["LoRA"]["loss"],
 }
-if run.profile != "smoke":  # claims about what training learned need more than a few steps
-    claims["qlora_test_loss_within_5_percent_of_float_lora"] = results["QLoRA"]["loss"] < 1.05 * results["LoRA"]["loss"]
+if run.profile != "smoke":  # BLEU on a handful of generations is too noisy for a smoke claim
     claims["qlora_bleu_within_5_of_float_lora"] = results["QLoRA"]["bleu"] > results["LoRA"]["bleu"] - 5
 run.save(
     metrics={"e2e": {label: {"bleu": r["bleu"], "test_loss": r["loss"], "steps": len(r["hist"].step),
