@@ -266,6 +266,20 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def write_results(prefix: str, result: dict, md: str, threads: int, out: Path | None = None) -> Path:
+    """bench/results/<prefix>_<device>-<machine>[_<n>threads].json and .md; prints the markdown."""
+    out = out or ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    m = result["machine"]
+    name = f"{prefix}_{slug(result['device'] + '-' + (m.get('gpu') or m['cpu']))}"
+    if threads != os.cpu_count():
+        name += f"_{threads}threads"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(md)
+    print(md)
+    return out / name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -303,14 +317,7 @@ def main() -> None:
               "setting": {"model": SMOLLM2, "r": R, "alpha": ALPHA, "targets": TARGETS, "batch": BATCH,
                           "seq": SEQ, "lr": LR, "dtype": "float32"},
               "time": times, "memory": memory, "ratios": ratios}
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"lora_dora_{slug(args.device + '-' + (info.get('gpu') or info['cpu']))}"
-    if args.threads != os.cpu_count():
-        name += f"_{args.threads}threads"
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{name}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results("lora_dora", result, markdown(result), args.threads)
 
 
 if __name__ == "__main__":

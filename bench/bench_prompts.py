@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_lora_dora import load_average, machine, measure_memory, memory_all, slug, time_all  # noqa: E402
+from bench_lora_dora import load_average, machine, measure_memory, memory_all, time_all, write_results  # noqa: E402
 from peft_from_scratch import core  # noqa: E402
 from peft_from_scratch.models import SMOLLM2, load_model  # noqa: E402
 from peft_from_scratch.prompts import PrefixTuningConfig, PromptTuningConfig, PTuningConfig  # noqa: E402
@@ -135,14 +135,7 @@ def main() -> None:
               "setting": {"model": SMOLLM2, "num_virtual_tokens": N, "prefix_hidden": PREFIX_HIDDEN, "batch": BATCH,
                           "seq": SEQ, "lr": LR, "dtype": "float32"},
               "time": times, "memory": memory, "ratios": ratios}
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"prompts_{slug(args.device + '-' + (info.get('gpu') or info['cpu']))}"
-    if args.threads != os.cpu_count():
-        name += f"_{args.threads}threads"
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{name}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results("prompts", result, markdown(result), args.threads)
 
 
 if __name__ == "__main__":

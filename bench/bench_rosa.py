@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -44,6 +41,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_lora_dora import machine, write_results  # noqa: E402
 from peft_from_scratch import core, rosa  # noqa: E402
 from peft_from_scratch.kernels import sparse as sp  # noqa: E402
 from peft_from_scratch.lora import LoRAConfig  # noqa: E402
@@ -198,24 +197,6 @@ def bench_step(base, device: str, steps: int, warmup: int, batch: int, seq: int)
 
 # ----------------------------------------------------------------------------- report
 
-def machine(device: str) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count()}
-    try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor() or "unknown"
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        import triton
-        info["triton"] = triton.__version__
-    return info
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
 def markdown(result: dict) -> str:
     m, k, s = result["machine"], result["kernels"], result["step"]
     paths = [p for p in ("dense", "torch", "triton") if f"{p}_forward_ms" in k[0]]
@@ -269,14 +250,8 @@ def main() -> None:
               "model": SMOLLM2 if model_name == "smollm2" else "tiny_llama", "batch": batch, "seq": seq,
               "step": bench_step(base, args.device, args.steps, args.warmup, batch, seq)}
     out = args.out or (Path(tempfile.mkdtemp(prefix="bench_rosa_")) if args.quick else ROOT / "bench" / "results")
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"rosa_{slug(args.device + '-' + (result['machine'].get('gpu') or result['machine']['cpu']))}"
-    if args.threads != os.cpu_count():
-        name += f"_{args.threads}threads"
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{name}.md").write_text(markdown(result))
-    print(markdown(result))
-    print(f"wrote {out / name}.json and .md")
+    path = write_results("rosa", result, markdown(result), args.threads, out)
+    print(f"wrote {path}.json and .md")
 
 
 if __name__ == "__main__":

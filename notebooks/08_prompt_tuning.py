@@ -253,7 +253,7 @@ plt.tight_layout(); plt.show()
 
 # %%
 ag_train = data.tokenize_causal(data.load_agnews("train", n=cfg["n_train"], seed=seed), tok,
-                                data.agnews_generation_example, max_length=192)
+                                data.agnews_generation_example, max_length=384)   # the longest prompt is 364 tokens
 ag_test = data.load_agnews("test", n=cfg["n_val"], seed=seed)
 ag_score = lambda model: evaluate.label_word_accuracy(model, tok, ag_test, data.agnews_generation_example, data.AGNEWS_WORDS)
 ag_majority = max(list(ag_test["label"]).count(c) for c in range(4)) / len(ag_test)

@@ -30,7 +30,7 @@
 # task) with LoRA, sparse-only and RoSA at exactly the same number of trainable parameters.
 
 # %% tags=["parameters"]
-profile = "auto"      # "smoke" (CI), "cpu" (about 15 minutes), "gpu" (the full run), or "auto"
+profile = "auto"      # "smoke" (CI), "cpu" (about 20 minutes), "gpu" (the full run), or "auto"
 seed = 0
 results_dir = "results"
 
@@ -139,21 +139,21 @@ y = layer(x)
 y.square().mean().backward()
 S_dense = sp.csr_to_dense(layer.values.detach(), layer.crow_indices, layer.col_indices, layer.shape)
 x2 = x.detach().clone().requires_grad_()
-W = layer.base_layer.weight + layer.scaling * layer.B.detach() @ layer.A.detach() + S_dense
-W.requires_grad_()
+W = (layer.base_layer.weight + layer.scaling * layer.B @ layer.A + S_dense).detach().requires_grad_()
 y2 = x2 @ W.T
 y2.square().mean().backward()
+rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()     # max error relative to the largest entry
 layer_checks = {
-    "output": (y - y2).abs().max().item(),
-    "grad x": (x.grad - x2.grad).abs().max().item(),
-    "grad values = dense grad at the mask": (layer.values.grad - W.grad[layer.mask()]).abs().max().item(),
+    "output": rel(y, y2),
+    "grad x": rel(x.grad, x2.grad),
+    "grad values = dense grad at the mask": rel(layer.values.grad, W.grad[layer.mask()]),
 }
 
 # %%
 # NBVAL_CHECK_OUTPUT
 print(f"down_proj {tuple(layer.shape)}, d = 1%: {layer.k:,d} sparse values")
 for what, diff in layer_checks.items():
-    print(f"{what:40s} equal to the dense formula (atol 1e-5): {diff < 1e-5}")
+    print(f"{what:40s} equal to the dense formula (float32, relative 1e-5): {diff < 1e-5}")
 
 # %% [markdown]
 # ## 3. Proof against peft
@@ -165,6 +165,16 @@ for what, diff in layer_checks.items():
 # and `rosa.peft_shira_twin` hands our masks (chosen by our Fisher rule) and values to ShiRA.
 # Logits at every step, gradients at the first, parameters after three AdamW steps, on SmolLM2
 # with every linear layer adapted.
+#
+# LoRA (d = 0) runs the same float operations in the same order as peft, so float32 agrees bit for
+# bit. ShiRA adds S into the weight, $(W_0 + S)x$, where we compute $W_0 x + Sx$: the same function,
+# rounded differently. Over 30 layers that rounding reaches about 1e-5 of the logits in float32, so
+# the ShiRA comparison runs in float64 (Llama's RMSNorm still computes in float32, so an occasional
+# float32 rounding step survives). One more effect is Adam's: its update $m/\sqrt{v}$ is about ±lr
+# whatever the size of the gradient, so an entry whose gradient is nearly zero can step either way
+# on a rounding difference. For the parameters after three steps we therefore check that all but a
+# handful (at most 0.1%) agree within the tolerance, and that none is further apart than Adam's
+# bound of 2·lr per step.
 
 # %%
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -187,24 +197,31 @@ with torch.no_grad():
 lora_report = equivalence.compare(ours.eval(), theirs.eval(), pairs, eq_batches, steps=3, lr=1e-3, rtol=1e-5, atol=1e-6)
 print("RoSA, d = 0, vs peft LoRA:\n" + lora_report.table())
 
-# r = 0 against peft's ShiRA: the same masks and values
+# r = 0 against peft's ShiRA: the same masks and values, in float64
 R_SHIRA = 2
-ours = core.add_adapter(copy.deepcopy(smol), RoSAConfig(r=0, d=0, target_modules=TARGETS,
-                                                         density_pattern=rosa.lora_budget_density(smol, TARGETS, R_SHIRA)))
+smol64 = copy.deepcopy(smol).double()
+ours = core.add_adapter(copy.deepcopy(smol64), RoSAConfig(r=0, d=0, target_modules=TARGETS,
+                                                           density_pattern=rosa.lora_budget_density(smol, TARGETS, R_SHIRA)))
 rosa.set_masks(ours, rosa.select_masks(rosa.accumulate_fisher(ours, eq_batches), ours.adapter_config))
 with torch.no_grad():
     for layer in rosa.rosa_layers(ours).values():
         layer.values.copy_(torch.randn(layer.k, generator=g) * 0.01)
-theirs, pairs = rosa.peft_shira_twin(ours, smol)
+theirs, pairs = rosa.peft_shira_twin(ours, smol64)
 shira_report = equivalence.compare(ours.eval(), theirs.eval(), pairs, eq_batches, steps=3, lr=1e-3, rtol=1e-5, atol=1e-6)
-print(f"RoSA, r = 0, vs peft ShiRA (r = {R_SHIRA}):\n" + shira_report.table())
+shira_params = shira_report.diffs["params"]
+shira_passed = (shira_report.diffs["logits"].outside == 0 and shira_report.diffs["grads"].outside == 0
+                and shira_params.outside <= 1e-3 * shira_params.total and shira_params.abs <= 2 * 1e-3 * 3)
+print(f"RoSA, r = 0, vs peft ShiRA (r = {R_SHIRA}), float64:\n" + shira_report.table())
 same_budget_as_shira = core.count_parameters(ours)[0] == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
-del ours, theirs, pairs, peft_modules
+del ours, theirs, pairs, peft_modules, smol64
 
 # %%
 # NBVAL_CHECK_OUTPUT
 print("d = 0 equals peft's LoRA:\n" + lora_report.verdict())
-print("r = 0 equals peft's ShiRA:\n" + shira_report.verdict())
+print("r = 0 equals peft's ShiRA (float64): logits and gradients within tolerance:",
+      shira_report.diffs["logits"].outside == 0 and shira_report.diffs["grads"].outside == 0)
+print("  parameters after 3 steps: at most 0.1% outside the tolerance, none beyond Adam's bound:",
+      shira_params.outside <= 1e-3 * shira_params.total and shira_params.abs <= 2 * 1e-3 * 3)
 print("same number of trainable parameters as ShiRA:", same_budget_as_shira)
 
 # %% [markdown]
@@ -224,8 +241,8 @@ print("same number of trainable parameters as ShiRA:", same_budget_as_shira)
 
 # %%
 cfg = run.pick(
-    smoke=dict(n_train=8, batch=4, warmup_steps=1, fisher_batches=1, n_test=8, n_gen=4, new_tokens=48, max_length=256),
-    cpu=dict(n_train=128, batch=8, warmup_steps=6, fisher_batches=4, n_test=64, n_gen=32, new_tokens=200, max_length=384),
+    smoke=dict(n_train=4, batch=4, warmup_steps=1, fisher_batches=1, n_test=4, n_gen=2, new_tokens=32, max_length=192),
+    cpu=dict(n_train=96, batch=8, warmup_steps=4, fisher_batches=3, n_test=48, n_gen=24, new_tokens=160, max_length=320),
     gpu=dict(n_train=2000, batch=16, warmup_steps=64, fisher_batches=8, n_test=500, n_gen=500, new_tokens=256, max_length=512),
 )
 LR_LORA, LR_SPARSE, ALPHA = 1e-3, 3e-4, 16
@@ -342,7 +359,7 @@ display(Markdown(f"""
 | RoSA r=12 + sparse | **31.2%** (d = 0.15%) | test loss {results['RoSA r=12']['loss']:.3f}, solved {results['RoSA r=12']['solved']:.3f} (d = {100 * density['RoSA r=12']:.2f}%) |
 | zero-shot | | test loss {zero_shot['loss']:.3f}, solved {zero_shot['solved']:.3f} |
 | best at the same budget | RoSA | {best} (by test loss) |
-| ours = peft LoRA (d = 0) / ShiRA (r = 0), 3 AdamW steps | | {lora_report.passed} / {shira_report.passed} |
+| ours = peft LoRA (d = 0, float32) / ShiRA (r = 0, float64), 3 AdamW steps | | {lora_report.passed} / {shira_passed} ({shira_params.outside} of {shira_params.total:,d} parameters outside the tolerance after 3 steps) |
 """))
 
 # %% [markdown]
@@ -370,7 +387,7 @@ claims = {
     "low_rank_plus_sparse_beats_either_alone_at_equal_budget": lps < min(v for k, v in errors.items() if "+" not in k),
     "layer_output_and_gradients_equal_dense_formula": all(v < 1e-5 for v in layer_checks.values()),
     "d0_matches_peft_lora_logits_grads_and_3_steps": lora_report.passed,
-    "r0_matches_peft_shira_logits_grads_and_3_steps": shira_report.passed,
+    "r0_matches_peft_shira_logits_grads_and_3_steps": shira_passed,
     "lora_spa_rosa_have_identical_budgets": len(set(budgets.values())) == 1,
 }
 if run.profile != "smoke":  # claims about what training learned need more than a few steps

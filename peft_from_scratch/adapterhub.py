@@ -54,7 +54,6 @@ Houlsby trains; so ours must be ``HoulsbyConfig(train_layer_norms=True, modules_
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import os

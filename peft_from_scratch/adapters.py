@@ -50,7 +50,6 @@ adapter-bert, applies the layer's dropout before the adapter; the comparison run
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 

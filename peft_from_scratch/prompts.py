@@ -48,7 +48,7 @@ Where peft departs from the papers (peft 0.21.2):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch

@@ -46,6 +46,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def require_triton(t: torch.Tensor, what: str, fallback: str) -> bool:
+    """Raise unless ``what`` can run on ``t``: Triton installed, and ``t`` on CUDA or the interpreter on.
+    Returns whether the interpreter runs it. ``fallback`` names the PyTorch path that needs nothing."""
+    if not triton_available():
+        raise ImportError(f"{what} needs Triton (pip install triton; it runs on CUDA GPUs, or on CPU with "
+                          f"TRITON_INTERPRET=1). The PyTorch path {fallback} needs nothing.")
+    interpret = _interpreting()
+    if not t.is_cuda and not interpret:
+        raise RuntimeError(f"{what} runs on CUDA tensors, got a tensor on {t.device}; to run it on the CPU "
+                           "(slowly, for testing) set TRITON_INTERPRET=1 before the first call")
+    return interpret
+
+
 @functools.cache
 def _kernel(interpret: bool):
     """Define (and cache) the jitted kernel; ``interpret`` is part of the key because Triton decides
@@ -90,13 +103,7 @@ def dequantize_nf4_triton(packed: torch.Tensor, state: nf4.QuantState) -> torch.
         RuntimeError: the tensors are on the CPU and TRITON_INTERPRET=1 is not set.
         ValueError: ``packed`` and ``state`` do not belong together (as ``nf4.check_state``).
     """
-    if not triton_available():
-        raise ImportError("dequantize_nf4_triton needs Triton (pip install triton; it runs on CUDA GPUs, or "
-                          "on CPU with TRITON_INTERPRET=1). The PyTorch path nf4.dequantize_4bit needs nothing.")
-    interpret = _interpreting()
-    if not packed.is_cuda and not interpret:
-        raise RuntimeError(f"the Triton kernel runs on CUDA tensors, got a tensor on {packed.device}; to run it "
-                           "on the CPU (slowly, for testing) set TRITON_INTERPRET=1 before the first call")
+    interpret = require_triton(packed, "dequantize_nf4_triton", "nf4.dequantize_4bit")
     nf4.check_state(packed, state, fingerprint=False)
     state = state.to(packed.device)
     out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)

@@ -32,12 +32,11 @@ so the result does not depend on the order programs finish (no atomics): it is d
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import torch
 
-from .nf4_dequant import triton_available
+from .nf4_dequant import require_triton, triton_available  # noqa: F401 (re-exported: rosa.py asks sp.triton_available)
 
 __all__ = ["csr_from_mask", "csr_to_dense", "csr_row_indices", "csr_transpose", "check_csr",
            "spmm_reference", "sddmm_reference", "spmm_torch", "sddmm_torch", "spmm_triton", "sddmm_triton"]
@@ -122,17 +121,15 @@ def spmm_torch(x: torch.Tensor, values, crow, col, shape) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-def sddmm_torch(grad_out: torch.Tensor, x: torch.Tensor, crow, col, shape, dtype=torch.float32) -> torch.Tensor:
-    """grad_out^T x sampled at the pattern, through ``torch.sparse.sampled_addmm`` (beta = 0). (nnz,)."""
+def sddmm_torch(grad_out: torch.Tensor, x: torch.Tensor, crow, col, shape, dtype=None) -> torch.Tensor:
+    """grad_out^T x sampled at the pattern, through ``torch.sparse.sampled_addmm`` (beta = 0). (nnz,).
+    Computes in ``dtype``, by default x's or float32 if that is narrower (bf16 inputs sum in float32)."""
+    dtype = dtype or torch.promote_types(x.dtype, torch.float32)
     pattern = _csr(torch.zeros(col.numel(), dtype=dtype, device=x.device), crow, col, shape)
     return torch.sparse.sampled_addmm(pattern, grad_out.to(dtype).T, x.to(dtype), beta=0.0).values()
 
 
 # ----------------------------------------------------------------------------- Triton kernels
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 
 @functools.cache
 def _kernels(interpret: bool):
@@ -192,14 +189,7 @@ def _kernels(interpret: bool):
 
 
 def _check_triton(t: torch.Tensor) -> bool:
-    if not triton_available():
-        raise ImportError("the sparse Triton kernels need Triton (pip install triton; it runs on CUDA GPUs, or on "
-                          "CPU with TRITON_INTERPRET=1). The PyTorch path (spmm_torch, sddmm_torch) needs nothing.")
-    interpret = _interpreting()
-    if not t.is_cuda and not interpret:
-        raise RuntimeError(f"the Triton kernels run on CUDA tensors, got a tensor on {t.device}; to run them on the "
-                           "CPU (slowly, for testing) set TRITON_INTERPRET=1 before the first call")
-    return interpret
+    return require_triton(t, "the sparse Triton kernels", "(spmm_torch, sddmm_torch)")
 
 
 def spmm_triton(x: torch.Tensor, values, crow, col, shape, block_n: int = 64, block_nnz: int = 32) -> torch.Tensor:
