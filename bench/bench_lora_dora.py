@@ -76,11 +76,12 @@ def build(name: str, base, device: str):
     return model, optimizer
 
 
-def make_batches(n: int, vocab: int, device: str) -> list[dict]:
+def make_batches(n: int, vocab: int, device: str, batch: int = BATCH, seq: int = SEQ) -> list[dict]:
+    """n batches of random tokens with labels = inputs (seeded: every model sees the same)."""
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(n):
-        x = torch.randint(0, vocab, (BATCH, SEQ), generator=g).to(device)
+        x = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
         out.append({"input_ids": x, "labels": x})
     return out
 

@@ -42,7 +42,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_lora_dora import machine, write_results  # noqa: E402
+from bench_lora_dora import machine, make_batches, sync, write_results  # noqa: E402
+from bench_nf4 import timed  # noqa: E402
 from peft_from_scratch import core, rosa  # noqa: E402
 from peft_from_scratch.kernels import sparse as sp  # noqa: E402
 from peft_from_scratch.lora import LoRAConfig  # noqa: E402
@@ -51,24 +52,6 @@ from peft_from_scratch.models import SMOLLM2, load_model, tiny_llama  # noqa: E4
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DENSITIES = [0.001, 0.003, 0.01, 0.03, 0.05]
 R_LORA, R_ROSA, BATCH, SEQ, LR = 16, 12, 4, 128, 1e-4
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one untimed call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 # ----------------------------------------------------------------------------- part 1: kernels
@@ -120,15 +103,6 @@ def matched_density(base, r_lora: int, r_rosa: int) -> float:
     layers = [base.get_submodule(n) for n in core.find_targets(base, TARGETS)]
     extra = sum((r_lora - r_rosa) * (m.in_features + m.out_features) for m in layers)
     return extra / sum(m.in_features * m.out_features for m in layers)
-
-
-def make_batches(n: int, vocab: int, device: str, batch: int, seq: int) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        x = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
-        out.append({"input_ids": x, "labels": x})
-    return out
 
 
 def build(name: str, base, device: str, d: float, mask_batch: dict):

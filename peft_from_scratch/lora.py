@@ -30,6 +30,36 @@ from .core import (AdapterConfig, AdapterLayer, add_adapter, adapter_layers, ada
                    find_targets, matches)
 
 
+# The pieces of a LoRA branch, shared with every method that carries one (RoSA).
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """s = alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def adapter_like(base_layer: nn.Module) -> dict:
+    """dtype and device for an adapter's tensors: the base weight's, float32 for a quantized base."""
+    dtype = base_layer.weight.dtype
+    return dict(dtype=dtype if dtype.is_floating_point else torch.float32, device=base_layer.weight.device)
+
+
+@torch.no_grad()
+def init_lora_(A: torch.Tensor, B: torch.Tensor, init: str = "kaiming") -> None:
+    """A from Kaiming-uniform (a = sqrt(5), peft's default) or N(0, 1/r^2) ("gaussian"); B = 0."""
+    if init == "kaiming":
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    elif init == "gaussian":
+        nn.init.normal_(A, std=1 / A.shape[0])
+    else:
+        raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
+    B.zero_()
+
+
+def low_rank_product(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """s B A x as two thin matmuls (never forming BA)."""
+    return F.linear(F.linear(x.to(A.dtype), A), B) * scaling
+
+
 class LoRALinear(AdapterLayer):
     """x -> W0 x + (alpha/r) B A dropout(x), around a frozen ``nn.Linear``.
 
@@ -52,25 +82,17 @@ class LoRALinear(AdapterLayer):
             raise ValueError(f"LoRA rank r={r} does not fit layer {name or 'Linear'} ({d_in} -> {d_out}): "
                              f"r must be between 1 and min(d_in, d_out) = {min(d_in, d_out)}")
         self.r, self.alpha = r, alpha
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        like = dict(dtype=base_layer.weight.dtype, device=base_layer.weight.device)
-        if not like["dtype"].is_floating_point:  # a quantized base: keep the adapter in float32
-            like["dtype"] = torch.float32
+        self.scaling = lora_scaling(r, alpha, use_rslora)
+        like = adapter_like(base_layer)
         self.A = nn.Parameter(torch.empty(r, d_in, **like))
         self.B = nn.Parameter(torch.zeros(d_out, r, **like))
-        if init == "kaiming":
-            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        elif init == "gaussian":
-            nn.init.normal_(self.A, std=1 / r)
-        else:
-            raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
+        init_lora_(self.A, self.B, init)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.train(base_layer.training)  # new modules start in training mode; follow the wrapped layer
 
     def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
         """(alpha/r) B A x, computed as two thin matmuls (never forming BA). No dropout here."""
-        x = x.to(self.A.dtype)
-        return F.linear(F.linear(x, self.A), self.B) * self.scaling
+        return low_rank_product(x, self.A, self.B, self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # x: (..., d_in) -> (..., d_out)
         result = self.base_layer(x)

@@ -50,11 +50,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .core import AdapterConfig, AdapterLayer, add_adapter, adapter_layers, matches
 from .kernels import sparse as sp
+from .lora import adapter_like, init_lora_, lora_scaling, low_rank_product
 
 TRITON_ENV = "PFS_ROSA_TRITON"   # "1": use the Triton kernels even on CPU tensors (with TRITON_INTERPRET=1)
 
@@ -149,12 +149,10 @@ class RoSALinear(AdapterLayer):
             raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
         self.name, self.r, self.alpha, self.d = name, r, alpha, d
         self.shape = (d_out, d_in)
-        self.scaling = (alpha / math.sqrt(r) if use_rslora else alpha / r) if r else 0.0
+        self.scaling = lora_scaling(r, alpha, use_rslora) if r else 0.0
         self.init = init
-        like = dict(dtype=base_layer.weight.dtype, device=base_layer.weight.device)
-        if not like["dtype"].is_floating_point:   # a quantized base (QRoSA): keep the adapter in float32
-            like["dtype"] = torch.float32
-        # The low-rank part, exactly as LoRALinear (so RoSA with d=0 is LoRA).
+        like = adapter_like(base_layer)            # float32 on a quantized base (QRoSA)
+        # The low-rank part, built by LoRALinear's own pieces (so RoSA with d=0 is LoRA).
         self.A = nn.Parameter(torch.empty(r, d_in, **like)) if r else None
         self.B = nn.Parameter(torch.zeros(d_out, r, **like)) if r else None
         self.reset_lora()
@@ -174,16 +172,10 @@ class RoSALinear(AdapterLayer):
 
     # -------------------------------------------------------------- parameters
 
-    @torch.no_grad()
     def reset_lora(self) -> None:
         """A fresh LoRA: A from Kaiming-uniform (a = sqrt(5)) or N(0, 1/r^2), B = 0."""
-        if not self.r:
-            return
-        if self.init == "kaiming":
-            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        else:
-            nn.init.normal_(self.A, std=1 / self.r)
-        self.B.zero_()
+        if self.r:
+            init_lora_(self.A, self.B, self.init)
 
     @torch.no_grad()
     def set_mask(self, mask: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -236,8 +228,7 @@ class RoSALinear(AdapterLayer):
 
     def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
         """(alpha/r) B A x, two thin matmuls, as LoRALinear. No dropout here."""
-        x = x.to(self.A.dtype)
-        return F.linear(F.linear(x, self.A), self.B) * self.scaling
+        return low_rank_product(x, self.A, self.B, self.scaling)
 
     def _triton(self, x: torch.Tensor) -> bool:
         if self.use_triton is not None:
