@@ -7,10 +7,11 @@
 PYTHON  ?= python3
 VENV    ?= .venv
 PROFILE ?= auto
+JOBS    ?= 2
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: notebooks test lab venv bench
+.PHONY: notebooks test test-fast lab venv bench
 
 venv: $(STAMP)
 
@@ -27,10 +28,13 @@ notebooks: $(STAMP)
 	$(BIN)/python scripts/run_notebooks.py --profile $(PROFILE)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(JOBS) --dist worksteal
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n $(JOBS) --dist worksteal -m "not notebook and not slow"
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/
 
 bench: $(STAMP)
-	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+	for b in bench/bench_*.py; do $(BIN)/python -m bench.$$(basename $$b .py) || exit 1; done

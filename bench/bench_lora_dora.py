@@ -25,7 +25,7 @@ Memory, two numbers per model, each from a fresh subprocess holding only that mo
 * CUDA ``step_peak_mib``: ``torch.cuda.max_memory_allocated`` during the step minus allocated memory
   before it.
 
-    python bench/bench_lora_dora.py [--device cpu|cuda] [--steps 10] [--warmup 2]
+    python -m bench.bench_lora_dora [--device cpu|cuda] [--steps 10] [--warmup 2]
 
 Writes bench/results/lora_dora_<device-slug>.json and .md.
 """
@@ -35,26 +35,16 @@ import argparse
 import copy
 import json
 import os
-import platform
-import re
 import statistics
-import subprocess
-import sys
-import time
-import weakref
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from peft_from_scratch import core  # noqa: E402
-from peft_from_scratch.dora import DoRAConfig  # noqa: E402
-from peft_from_scratch.lora import LoRAConfig  # noqa: E402
-from peft_from_scratch.models import SMOLLM2, load_model  # noqa: E402
+from bench.common import BATCH, SEQ, load_average, machine, measure_memory, memory_all, time_all, write_results
+from peft_from_scratch import DoRAConfig, LoRAConfig, core
+from peft_from_scratch.models import SMOLLM2, load_model
 
 CONFIGS = ["peft-lora", "ours-lora", "peft-dora", "ours-dora"]
-R, ALPHA, BATCH, SEQ, LR = 16, 32, 4, 128, 1e-4
+R, ALPHA, LR = 16, 32, 1e-4
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -76,148 +66,11 @@ def build(name: str, base, device: str):
     return model, optimizer
 
 
-def make_batches(n: int, vocab: int, device: str, batch: int = BATCH, seq: int = SEQ) -> list[dict]:
-    """n batches of random tokens with labels = inputs (seeded: every model sees the same)."""
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        x = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
-        out.append({"input_ids": x, "labels": x})
-    return out
-
-
-def step(model, optimizer, batch) -> None:
-    model(**batch).loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 # ----------------------------------------------------------------------------- time
-
-def time_all(base, device: str, steps: int, warmup: int, build=build, configs=CONFIGS) -> dict:
-    """Median step time of each of ``configs`` (built by ``build(name, base, device)``), stepped round-robin."""
-    models = {name: build(name, base, device) for name in configs}
-    trainable = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, (m, _) in models.items()}
-    batches = make_batches(warmup + steps, base.config.vocab_size, device)
-    times = {name: [] for name in configs}
-    loads = []
-    for i, batch in enumerate(batches):
-        k = i % len(configs)
-        order = configs[k:] + configs[:k]                    # rotate who goes first
-        for name in order:
-            model, optimizer = models[name]
-            sync(device)
-            t = time.perf_counter()
-            step(model, optimizer, batch)
-            sync(device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t)
-        if i >= warmup:
-            loads.append(load_average()[0] if load_average() else None)
-        print(f"  round {i + 1}/{len(batches)}" + ("" if i >= warmup else " (warm-up)") + ": "
-              + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in configs if i >= warmup), flush=True)
-    out = {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "steps_s": t,
-                  "trainable_params": trainable[name]} for name, t in times.items()}
-    out["load_1min_per_round"] = loads
-    return out
-
 
 # ----------------------------------------------------------------------------- memory (one subprocess per model)
 
-def _rss_kib(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def measure_memory(name: str, device: str, warmup: int, build=build) -> dict:
-    """Runs inside the subprocess: build one model, warm up, then measure one step."""
-    base, _ = load_model(SMOLLM2)
-    model, optimizer = build(name, base, device)
-    del base
-    batches = make_batches(warmup + 2, model.config.vocab_size, device)
-    for batch in batches[:warmup]:
-        step(model, optimizer, batch)
-
-    # Saved for backward: every tensor autograd packs during the forward, counted if it is still
-    # alive when the forward returns (a graph that was built and dropped inside the forward, like
-    # peft's B(A(eye)), frees its tensors at once) and once per storage, parameters excluded.
-    packed = []
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(weakref.ref(t)) or t, lambda t: t):
-        loss = model(**batches[warmup]).loss
-    alive = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (r() for r in packed)
-             if t is not None and t.untyped_storage().data_ptr() not in params}
-    loss.backward()
-    optimizer.zero_grad(set_to_none=True)
-    del loss
-    result = {"saved_mib": sum(alive.values()) / 2**20}
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step(model, optimizer, batches[warmup + 1])
-        torch.cuda.synchronize()
-        result["step_peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
-    else:
-        with open("/proc/self/clear_refs", "w") as f:   # reset VmHWM (the peak) to the current RSS
-            f.write("5")
-        before = _rss_kib("VmRSS")
-        step(model, optimizer, batches[warmup + 1])
-        result["step_peak_rss_mib"] = (_rss_kib("VmHWM") - before) / 2**10
-    return result
-
-
-def memory_all(device: str, warmup: int, script: str = __file__, configs=CONFIGS) -> dict:
-    """measure_memory for each of ``configs``, each in a fresh ``script --memory-child NAME`` process."""
-    out = {}
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
-    for name in configs:
-        cmd = [sys.executable, script, "--memory-child", name, "--device", device, "--warmup", str(warmup),
-               "--threads", str(torch.get_num_threads())]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  memory {name}: {out[name]}", flush=True)
-    return out
-
-
 # ----------------------------------------------------------------------------- report
-
-def machine(device: str) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    try:
-        import peft
-        import transformers
-        info["peft"], info["transformers"] = peft.__version__, transformers.__version__
-    except ImportError:
-        pass
-    try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor() or "unknown"
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
-    except OSError:
-        return None
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
 
 def markdown(result: dict) -> str:
     m, t, mem = result["machine"], result["time"], result["memory"]
@@ -257,7 +110,7 @@ def markdown(result: dict) -> str:
               + (f"1-minute load average during the timed rounds: {min(loads):.2f} to {max(loads):.2f} "
                  f"on {m['cpu_count']} cores, this benchmark's own {m['torch_threads']} thread(s) included."
                  if loads else ""), "",
-        "What is measured: see the docstring of bench/bench_lora_dora.py. The saved-for-backward bytes "
+        "What is measured: see the docstring of bench/bench_lora_dora.py and bench/common.py. The saved-for-backward bytes "
         "count each storage autograd keeps once (parameters excluded); the step peak is the peak "
         + ("allocated CUDA memory during a step minus the memory allocated before it."
            if result["device"] == "cuda" else
@@ -265,20 +118,6 @@ def markdown(result: dict) -> str:
            "per model with glibc's mmap threshold fixed at 64 KiB so freed tensors leave RSS."),
         ""]
     return "\n".join(lines)
-
-
-def write_results(prefix: str, result: dict, md: str, threads: int, out: Path | None = None) -> Path:
-    """bench/results/<prefix>_<device>-<machine>[_<n>threads].json and .md; prints the markdown."""
-    out = out or ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    m = result["machine"]
-    name = f"{prefix}_{slug(result['device'] + '-' + (m.get('gpu') or m['cpu']))}"
-    if threads != os.cpu_count():
-        name += f"_{threads}threads"
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{name}.md").write_text(md)
-    print(md)
-    return out / name
 
 
 def main() -> None:
@@ -291,17 +130,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.memory_child:
         torch.set_num_threads(args.threads)
-        print(json.dumps(measure_memory(args.memory_child, args.device, args.warmup)))
+        print(json.dumps(measure_memory(args.memory_child, args.device, args.warmup, build)))
         return
 
     torch.set_num_threads(args.threads)
     load_before = load_average()
     print(f"time: {args.warmup} warm-up + {args.steps} timed steps per model, round-robin", flush=True)
     base, _ = load_model(SMOLLM2)
-    times = time_all(base, args.device, args.steps, args.warmup)
+    times = time_all(base, args.device, args.steps, args.warmup, build, CONFIGS)
     del base
     print(f"memory, one subprocess per model ({args.device})", flush=True)
-    memory = memory_all(args.device, args.warmup)
+    memory = memory_all(args.device, args.warmup, "bench.bench_lora_dora", CONFIGS)
     mem_key = "step_peak_mib" if args.device == "cuda" else "step_peak_rss_mib"
     ratios = {}
     for method in ("lora", "dora"):

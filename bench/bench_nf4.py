@@ -11,7 +11,7 @@ read = packed bytes (n/2) + uint8 absmax (n/64) + float32 absmax2 (4 n / (64 * 2
 output element size; as a fraction of the GPU's peak memory bandwidth from ``PEAK_BANDWIDTH`` (the
 vendors' data-sheet numbers; the first entry whose key is in the device name wins).
 
-    python bench/bench_nf4.py [--device cpu|cuda] [--repeats 5]
+    python -m bench.bench_nf4 [--device cpu|cuda] [--repeats 5]
 
 Writes bench/results/nf4_<device-slug>.json and .md.
 """
@@ -19,18 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
-import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from peft_from_scratch import nf4  # noqa: E402
+from bench.common import machine, slug, timed
+from peft_from_scratch.kernels import triton_available
+from peft_from_scratch.quantized import nf4
+from peft_from_scratch.quantized.linear4bit import dequantize_triton
 
 PEAK_BANDWIDTH = {          # bytes/s, data sheets (SXM parts unless named)
     "H200": 4.8e12,
@@ -48,47 +44,6 @@ SHAPES = {
     "SmolLM2 embed/lm_head 49152x576": (49152, 576),
     "SmolLM2 mlp 1536x576": (1536, 576),
 }
-
-
-def machine(device: str) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count()}
-    try:
-        import bitsandbytes
-        info["bitsandbytes"] = bitsandbytes.__version__
-    except ImportError:
-        info["bitsandbytes"] = None
-    try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor() or "unknown"
-    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        try:
-            import triton
-            info["triton"] = triton.__version__
-        except ImportError:
-            info["triton"] = None
-    return info
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def peak_bandwidth(name: str) -> tuple[str | None, float | None]:
@@ -111,9 +66,7 @@ def main() -> None:
         torch._dynamo.config.disable = True   # bnb's PyTorch fallbacks are torch.compile'd: time kernels, not compiles
     except ImportError:
         BF = None
-    triton_ok = device == "cuda" and nf4._triton_installed()
-    if triton_ok:
-        from peft_from_scratch.kernels import dequantize_nf4_triton
+    triton_ok = device == "cuda" and triton_available()
 
     rows = []
     for name, shape in SHAPES.items():
@@ -133,7 +86,7 @@ def main() -> None:
             row["quantize_speed_vs_bnb"] = row["quantize_bnb_s"] / row["quantize_ours_s"]
             row["dequantize_speed_vs_bnb"] = row["dequantize_bnb_s"] / row["dequantize_ours_s"]
         if triton_ok:
-            row["dequantize_triton_s"] = t = timed(lambda: dequantize_nf4_triton(packed, state), device, args.repeats)
+            row["dequantize_triton_s"] = t = timed(lambda: dequantize_triton(packed, state), device, args.repeats)
             moved = (packed.numel() + state.absmax.numel() + 4 * state.absmax2.numel()) + n * W.element_size()
             row["triton_bandwidth_GBps"] = moved / t / 1e9
             key, peak = peak_bandwidth(info["gpu"])

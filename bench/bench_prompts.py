@@ -15,7 +15,7 @@ lives in one process and is stepped round-robin, the order rotating each round; 
 fresh subprocess per model: bytes saved for backward during one forward, and the step's peak
 (RSS delta on CPU, allocated memory on CUDA).
 
-    python bench/bench_prompts.py [--device cpu|cuda] [--steps 10] [--warmup 2] [--threads N]
+    python -m bench.bench_prompts [--device cpu|cuda] [--steps 10] [--warmup 2] [--threads N]
 
 Writes bench/results/prompts_<device-slug>.json and .md.
 """
@@ -26,22 +26,16 @@ import copy
 import json
 import os
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from bench_lora_dora import load_average, machine, measure_memory, memory_all, time_all, write_results  # noqa: E402
-from peft_from_scratch import core  # noqa: E402
-from peft_from_scratch.models import SMOLLM2, load_model  # noqa: E402
-from peft_from_scratch.prompts import PrefixTuningConfig, PromptTuningConfig, PTuningConfig  # noqa: E402
+from bench.common import BATCH, SEQ, load_average, machine, measure_memory, memory_all, time_all, write_results
+from peft_from_scratch import PrefixTuningConfig, PromptTuningConfig, PTuningConfig, core
+from peft_from_scratch.models import SMOLLM2, load_model
 
 METHODS = {"prompt": "prompt tuning", "ptuning": "P-tuning (LSTM)", "prefix": "prefix tuning (MLP)"}
 CONFIGS = [f"{owner}-{m}" for m in METHODS for owner in ("peft", "ours")]
-N, BATCH, SEQ, LR = 20, 4, 128, 1e-3
+N, LR = 20, 1e-3
 PREFIX_HIDDEN = 512
 
 
@@ -113,14 +107,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
-        print(json.dumps(measure_memory(args.memory_child, args.device, args.warmup, build=build)))
+        print(json.dumps(measure_memory(args.memory_child, args.device, args.warmup, build)))
         return
 
     load_before = load_average()
     base, _ = load_model(SMOLLM2)
-    times = time_all(base, args.device, args.steps, args.warmup, build=build, configs=CONFIGS)
+    times = time_all(base, args.device, args.steps, args.warmup, build, CONFIGS)
     del base
-    memory = memory_all(args.device, args.warmup, script=__file__, configs=CONFIGS)
+    memory = memory_all(args.device, args.warmup, "bench.bench_prompts", CONFIGS)
     mem_key = "step_peak_mib" if args.device == "cuda" else "step_peak_rss_mib"
     ratios = {}
     for method in METHODS:

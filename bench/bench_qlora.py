@@ -22,7 +22,7 @@ and the bytes of optimizer state after one step.
 One run = one measurement: one warm-up step, then the median of ``--steps`` timed steps (forward,
 backward, optimizer step, zero_grad).
 
-    python bench/bench_qlora.py [--device cpu|cuda] [--steps 3] [--threads N]
+    python -m bench.bench_qlora [--device cpu|cuda] [--steps 3] [--threads N]
 
 Writes bench/results/qlora_<device-slug>.json and .md.
 """
@@ -33,18 +33,15 @@ import gc
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_nf4 import machine, slug  # noqa: E402
-from peft_from_scratch import core, models, nf4  # noqa: E402
-from peft_from_scratch.lora import LoRAConfig  # noqa: E402
-from peft_from_scratch.qlora import PagedAdamW, optimizer_state_bytes, prepare_qlora  # noqa: E402
+from bench.common import machine, slug
+from peft_from_scratch import LoRAConfig, models
+from peft_from_scratch.optim import PagedAdamW, optimizer_state_bytes
+from peft_from_scratch.quantized import linear4bit, prepare_qlora
 
 R, ALPHA, LR = 16, 32, 2e-4
 MiB = 2 ** 20
@@ -89,7 +86,7 @@ def tensor_bytes(model) -> dict:
 
     for name, m in model.named_modules():
         quant_state = getattr(getattr(m, "weight", None), "quant_state", None)
-        if isinstance(m, nf4.Linear4bit):
+        if isinstance(m, linear4bit.Linear4bit):
             for t in m.buffers(recurse=False):
                 add("4-bit weights (codes + constants)", t)
         elif quant_state is not None:              # bitsandbytes: the packed uint8 Params4bit + its state

@@ -20,8 +20,8 @@ CUDA, the peak allocated during a step minus what was allocated before it.
 
 One run of this script = one measurement.
 
-    python bench/bench_rosa.py [--device cpu|cuda] [--model smollm2|tiny] [--steps 10] [--warmup 2]
-    python bench/bench_rosa.py --quick     # a smoke run: tiny shapes, results to a temp folder
+    python -m bench.bench_rosa [--device cpu|cuda] [--model smollm2|tiny] [--steps 10] [--warmup 2]
+    python -m bench.bench_rosa --quick     # a smoke run: tiny shapes, results to a temp folder
 
 Writes bench/results/rosa_<device-slug>.json and .md.
 """
@@ -31,7 +31,6 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 import tempfile
 import time
 import weakref
@@ -39,19 +38,16 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from bench_lora_dora import machine, make_batches, sync, write_results  # noqa: E402
-from bench_nf4 import timed  # noqa: E402
-from peft_from_scratch import core, rosa  # noqa: E402
-from peft_from_scratch.kernels import sparse as sp  # noqa: E402
-from peft_from_scratch.lora import LoRAConfig  # noqa: E402
-from peft_from_scratch.models import SMOLLM2, load_model, tiny_llama  # noqa: E402
+from bench.common import ROOT, machine, make_batches, sync, timed, write_results
+from peft_from_scratch import LoRAConfig, core
+from peft_from_scratch.kernels import sparse as sp, triton_available
+from peft_from_scratch.models import SMOLLM2, load_model, tiny_llama
+from peft_from_scratch.reparameterized import rosa
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DENSITIES = [0.001, 0.003, 0.01, 0.03, 0.05]
-R_LORA, R_ROSA, BATCH, SEQ, LR = 16, 12, 4, 128, 1e-4
+R_LORA, R_ROSA, LR = 16, 12, 1e-4
+from bench.common import BATCH, SEQ  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- part 1: kernels
@@ -79,7 +75,7 @@ def bench_kernels(device: str, shape, n_tokens: int, densities, repeats: int) ->
                       lambda: (sp.spmm_torch(grad_out, values[perm], crow_t, col_t, shape[::-1]),
                                sp.sddmm_torch(grad_out, x, crow, col, shape))),
         }
-        if device == "cuda" and sp.triton_available():
+        if device == "cuda" and triton_available():
             paths["triton"] = (lambda: sp.spmm_triton(x, values, crow, col, shape),
                                lambda: (sp.spmm_triton(grad_out, values[perm], crow_t, col_t, shape[::-1]),
                                         sp.sddmm_triton(grad_out, x, row_idx, col)))

@@ -177,7 +177,7 @@ print("trained on:", repr(smol_tok.decode(torch.tensor(ex["input_ids"])[labels !
 #    `peft_from_scratch/` once it has been explained.
 # 4. **Proof against the reference library** (peft, bitsandbytes or AdapterHub) on identical
 #    weights: same outputs, same gradients, same parameters after k optimizer steps.
-# 5. **Training on a real task** with the shared loop (`peft_from_scratch.train`), plots, and
+# 5. **Training on a real task** with the shared loop (`peft_from_scratch.training`), plots, and
 #    comparisons with full fine-tuning (notebook 01) and other methods.
 # 6. **Paper vs. ours** table, every number of ours computed in this run, and exercises.
 # 7. **Results file**: headline metrics and claims (each a boolean the notebook computed) written

@@ -18,7 +18,7 @@
 # fine-tuning comes from the optimiser set-up, and gave a simple recipe that later work uses as the
 # strong baseline: **AdamW with bias correction, learning rate 2e-5, linear warm-up over the first
 # 10% of steps, then linear decay to zero**. That recipe is the default of our training loop
-# (`peft_from_scratch.train.TrainConfig`).
+# (`peft_from_scratch.TrainConfig`).
 #
 # This notebook trains
 # 1. **MiniLM on SST-2** (sentence sentiment, accuracy on the GLUE validation set), and
@@ -40,7 +40,7 @@ from IPython.display import Markdown, display
 from peft_from_scratch import bib, data, evaluate, models
 from peft_from_scratch.core import count_parameters
 from peft_from_scratch.notebook import start
-from peft_from_scratch.train import TrainConfig, evaluate_loss, train
+from peft_from_scratch.training import TrainConfig, evaluate_loss, train
 
 run = start("01_full_finetuning", profile, seed, results_dir)
 bib.paper_card("mosbach2020stability",
@@ -55,7 +55,7 @@ bib.paper_card("mosbach2020stability",
 # $s$ is $\eta_s = \eta \cdot s/W$ for $s < W$ and $\eta \cdot (T-s)/(T-W)$ after.
 
 # %%
-from peft_from_scratch.train import lr_multiplier
+from peft_from_scratch.training import lr_multiplier
 
 T = 100
 plt.figure(figsize=(5, 2.2))

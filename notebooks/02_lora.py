@@ -42,9 +42,11 @@ from IPython.display import Markdown, display
 from peft import PeftModel
 
 from peft_from_scratch import bib, core, data, equivalence, evaluate, models
-from peft_from_scratch.lora import LoRAConfig, LoRALinear, load_peft_adapter, peft_twin, save_peft_adapter
+from peft_from_scratch.blocks.lowrank import LowRank
+from peft_from_scratch.interop import peft as peft_io
+from peft_from_scratch.reparameterized.lora import LoRAConfig, LoRALinear
 from peft_from_scratch.notebook import load_results, start
-from peft_from_scratch.train import TrainConfig, evaluate_loss, train
+from peft_from_scratch.training import TrainConfig, evaluate_loss, train
 
 run = start("02_lora", profile, seed, results_dir)
 bib.paper_card("hu2021lora",
@@ -60,7 +62,7 @@ bib.paper_card("hu2021lora",
 # matrix products so $BA$ ($d_{out}\times d_{in}$) is never formed:
 
 # %%
-print(inspect.getsource(LoRALinear.lora_branch))
+print(inspect.getsource(LowRank.product))
 print(inspect.getsource(LoRALinear.forward))
 
 # %%
@@ -69,17 +71,17 @@ torch.manual_seed(seed)
 W0 = torch.nn.Linear(576, 576, bias=False)              # the size of SmolLM2's q_proj
 layer = LoRALinear(copy.deepcopy(W0), r=8, alpha=16)
 x = torch.randn(3, 576)
-print(f"frozen W0: {W0.weight.numel():,d} weights; LoRA r=8: r*(d_in + d_out) = {layer.A.numel() + layer.B.numel():,d} "
-      f"({100 * (layer.A.numel() + layer.B.numel()) / W0.weight.numel():.2f}%)")
+print(f"frozen W0: {W0.weight.numel():,d} weights; LoRA r=8: r*(d_in + d_out) = {layer.lora.A.numel() + layer.lora.B.numel():,d} "
+      f"({100 * (layer.lora.A.numel() + layer.lora.B.numel()) / W0.weight.numel():.2f}%)")
 print("B = 0 at init, so the output equals W0 x:", torch.equal(layer(x), W0(x)))
-torch.nn.init.normal_(layer.B, std=0.02)                # pretend we trained
+torch.nn.init.normal_(layer.lora.B, std=0.02)                # pretend we trained
 merged = layer.base_layer.weight + layer.delta_weight()  # W0 + (alpha/r) B A
 print("merged weight gives the same output:", torch.allclose(x @ merged.T, layer(x), atol=1e-6))
 
 # %% [markdown]
 # ## 2. Proof against peft on SmolLM2
 #
-# `peft_twin` builds our LoRA and peft's `LoraConfig` on two copies of the same base, gives ours
+# `peft_io.twin` builds our LoRA and peft's `LoraConfig` on two copies of the same base, gives ours
 # "trained" values (B random), and copies every adapter tensor into peft through our peft key
 # mapping. Then both models run five AdamW steps on the same real E2E batches.
 
@@ -90,7 +92,7 @@ config = LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])  # the p
 e2e_rows = data.load_e2e("train", n=run.pick(smoke=4, cpu=8, gpu=8), seed=seed)
 eq_batches = list(data.make_loader(data.tokenize_causal(e2e_rows, tok, data.e2e_example, max_length=192), 2,
                                    pad_token_id=tok.pad_token_id))
-ours, theirs, pairs = peft_twin(smol, config, b_std=0.02, seed=seed)
+ours, theirs, pairs = peft_io.twin(smol, config, perturb=peft_io.random_B(0.02, seed))
 report = equivalence.compare(ours, theirs, pairs, eq_batches, steps=5, lr=1e-3, rtol=1e-5, atol=1e-6)
 print(report.table())
 
@@ -107,10 +109,10 @@ import tempfile
 
 ids = eq_batches[0]["input_ids"]
 with tempfile.TemporaryDirectory() as d:
-    save_peft_adapter(ours, f"{d}/ours")
+    peft_io.save_peft_adapter(ours, f"{d}/ours")
     peft_loaded = PeftModel.from_pretrained(copy.deepcopy(smol), f"{d}/ours").eval()
     theirs.save_pretrained(f"{d}/peft")
-    ours_loaded = load_peft_adapter(copy.deepcopy(smol), f"{d}/peft").eval()
+    ours_loaded = peft_io.load_peft_adapter(copy.deepcopy(smol), f"{d}/peft").eval()
 with torch.no_grad():
     ours.eval(); theirs.eval()
     logits = ours(input_ids=ids).logits
@@ -151,7 +153,7 @@ test_loader = data.make_loader(data.tokenize_causal(test_rows, tok, data.e2e_exa
                                pad_token_id=tok.pad_token_id)
 prompts = [data.e2e_example(r)[0] for r in test_rows]
 zero_shot_loss = evaluate_loss(smol, test_loader)
-lora_e2e, peft_e2e, _ = peft_twin(smol, config, b_std=0.0, seed=seed)   # fresh adapters, A copied, B = 0
+lora_e2e, peft_e2e, _ = peft_io.twin(smol, config)   # fresh adapters, A copied, B = 0
 results = {}
 for label, model in [("ours", lora_e2e), ("peft", peft_e2e)]:
     hist = train(model, data.make_loader(train_ds, gen_cfg["batch"], shuffle=True, seed=seed, pad_token_id=tok.pad_token_id),
@@ -223,7 +225,7 @@ def right_singular(A):
 
 
 name = "bert.encoder.layer.3.attention.self.query"
-U8, U64 = (right_singular(sst[r]["model"].get_submodule(name).A) for r in (8, 64))
+U8, U64 = (right_singular(sst[r]["model"].get_submodule(name).lora.A) for r in (8, 64))
 d_in = U8.shape[0]
 phi = torch.tensor([[(U8[:, :i].T @ U64[:, :j]).pow(2).sum().item() / min(i, j) for j in range(1, 65)] for i in range(1, 9)])
 plt.figure(figsize=(8, 2.2))

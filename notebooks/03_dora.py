@@ -39,10 +39,11 @@ import torch
 from IPython.display import Markdown, display
 
 from peft_from_scratch import bib, core, data, equivalence, evaluate, models
-from peft_from_scratch.dora import DoRAConfig, DoRALinear
-from peft_from_scratch.lora import LoRAConfig, peft_twin
+from peft_from_scratch.interop import peft as peft_io
+from peft_from_scratch.reparameterized.dora import DoRA, DoRAConfig
+from peft_from_scratch.reparameterized.lora import LoRAConfig, LoRALinear
 from peft_from_scratch.notebook import load_results, start
-from peft_from_scratch.train import TrainConfig, train
+from peft_from_scratch.training import TrainConfig, train
 
 run = start("03_dora", profile, seed, results_dir)
 bib.paper_card("liu2024dora",
@@ -54,7 +55,7 @@ bib.paper_card("liu2024dora",
 # %% [markdown]
 # ## 1. The layer
 #
-# `DoRALinear` is `LoRALinear` plus the magnitude `m`. Following the paper's Section 4.3 the norm
+# DoRA is a variant of `LoRALinear` (`variant=DoRA`) that adds the magnitude `m`. Following the paper's Section 4.3 the norm
 # $\lVert W_0 + sBA\rVert_c$ is treated as a constant in backward (`.detach()`), and the forward never
 # forms $W'$: with $c = m / \lVert W_0+sBA\rVert_c$, $W'x = c \odot (W_0x + sBAx)$. The norm itself is
 # computed without the $d_{out}\times d_{in}$ matrix $BA$, from
@@ -64,16 +65,17 @@ bib.paper_card("liu2024dora",
 # %%
 smol, tok = models.load_model(models.SMOLLM2)
 q_proj = copy.deepcopy(smol.model.layers[5].self_attn.q_proj)
-layer = DoRALinear(q_proj, r=8, alpha=16)
+layer = LoRALinear(q_proj, r=8, alpha=16, variant=DoRA)
 x = torch.randn(2, 7, 576, generator=torch.Generator().manual_seed(seed))
 init_is_identity = torch.allclose(layer(x), q_proj(x), atol=1e-5)
-m_is_row_norm = torch.equal(layer.m.data, torch.linalg.norm(q_proj.weight, dim=1))
+m_is_row_norm = torch.equal(layer.variant.m.data, torch.linalg.norm(q_proj.weight, dim=1))
 with torch.no_grad():
-    layer.B.normal_(std=0.05, generator=torch.Generator().manual_seed(seed))   # as if trained
-norm_rel_err = ((layer.weight_norm() - layer.weight_norm_direct()).abs() / layer.weight_norm_direct()).max().item()
+    layer.lora.B.normal_(std=0.05, generator=torch.Generator().manual_seed(seed))   # as if trained
+dora = layer.variant
+norm_rel_err = ((dora.weight_norm(layer) - dora.weight_norm_direct(layer)).abs() / dora.weight_norm_direct(layer)).max().item()
 out = layer(x)
 out.sum().backward()
-m_has_grad, A_has_grad = layer.m.grad is not None, layer.A.grad is not None
+m_has_grad, A_has_grad = dora.m.grad is not None, layer.lora.A.grad is not None
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -99,7 +101,7 @@ config = DoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
 rows = data.load_e2e("train", n=4, seed=seed)
 eq_batches = list(data.make_loader(data.tokenize_causal(rows, tok, data.e2e_example, max_length=192), 2,
                                    pad_token_id=tok.pad_token_id))
-ours, theirs, pairs = peft_twin(smol, config, b_std=0.01, seed=seed)
+ours, theirs, pairs = peft_io.twin(smol, config, perturb=peft_io.random_B(0.01, seed))
 with torch.no_grad():
     g = torch.Generator().manual_seed(seed)
     for name, (a, b) in pairs.items():
@@ -148,9 +150,9 @@ def effective_query_weights(model):
     out = []
     for block in model.bert.encoder.layer:
         q = block.attention.self.query
-        if isinstance(q, DoRALinear):
+        if isinstance(getattr(q, "variant", None), DoRA):
             V = q.base_layer.weight + q.delta_weight()
-            out.append(q.m[:, None] * V / torch.linalg.norm(V, dim=1, keepdim=True))
+            out.append(q.variant.m[:, None] * V / torch.linalg.norm(V, dim=1, keepdim=True))
         elif hasattr(q, "delta_weight"):
             out.append(q.base_layer.weight + q.delta_weight())
         else:

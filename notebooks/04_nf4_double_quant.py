@@ -43,7 +43,8 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import Markdown, display
 
-from peft_from_scratch import bib, core, data, evaluate, models, nf4
+from peft_from_scratch import bib, core, data, evaluate, models
+from peft_from_scratch.quantized import linear4bit, nf4
 from peft_from_scratch.notebook import start
 
 torch._dynamo.config.disable = True   # bnb wraps some CPU ops in torch.compile: seconds per new shape; run eagerly
@@ -171,7 +172,7 @@ bit_exact = all(checks.values())
 # %% [markdown]
 # ## 4. Four 4-bit copies of SmolLM2
 #
-# `nf4.quantize_model` swaps linear layers for `Linear4bit` layers that keep the packed codes and
+# `linear4bit.quantize_model` swaps linear layers for `Linear4bit` layers that keep the packed codes and
 # dequantize at every forward. We make four copies: Int4 (symmetric, -7..7), FP4 (E2M1, as
 # bitsandbytes), NF4, and NF4 with double-quantized constants, all in blocks of 64. In the cpu and gpu
 # profiles every linear layer is quantized (all but the output head, which shares its weights with
@@ -181,7 +182,7 @@ bit_exact = all(checks.values())
 quant_layers = run.pick(smoke=[n for n in linear_names if n.startswith(("model.layers.0.", "model.layers.1."))],
                         cpu=linear_names, gpu=linear_names)
 types = {"Int4": ("int4", False), "FP4": ("fp4", False), "NF4": ("nf4", False), "NF4+DQ": ("nf4", True)}
-quantized = {t: nf4.quantize_model(copy.deepcopy(smol), quant_layers, quant_type=qt, double_quant=dq)
+quantized = {t: linear4bit.quantize_model(copy.deepcopy(smol), quant_layers, quant_type=qt, double_quant=dq)
              for t, (qt, dq) in types.items()}
 print(f"quantized {len(quant_layers)} of {len(linear_names)} linear layers in each copy")
 print(quantized["NF4+DQ"].get_submodule(quant_layers[0]))
@@ -242,7 +243,7 @@ plt.ylabel("perplexity"); plt.title("SmolLM2 on tinyshakespeare"); plt.tight_lay
 # ## 6. How many bits per weight?
 #
 # Computed: 4 bits per weight plus the constants, $32/64 = 0.5$ without double quantization, and
-# $8/64 + 32/(64\cdot 256)$ with it. Measured: `nf4.quantized_nbytes` adds up the bytes of every
+# $8/64 + 32/(64\cdot 256)$ with it. Measured: `linear4bit.model_nbytes` adds up the bytes of every
 # stored tensor (packed codes, absmax, and with DQ absmax2 and the offset) of the quantized
 # model's linear layers; divide by the number of weights they stand for.
 
@@ -252,13 +253,13 @@ bits = {}
 for t in ("NF4", "NF4+DQ"):
     dq = types[t][1]
     bits[t] = {"computed": nf4.bits_per_parameter(64, double_quant=dq),
-               "measured": 8 * nf4.quantized_nbytes(quantized[t]) / n_linear}
+               "measured": 8 * linear4bit.model_nbytes(quantized[t]) / n_linear}
 display(Markdown("| | computed bits/weight | measured bits/weight |\n|---|---|---|\n"
                  + "\n".join(f"| {t} | {b['computed']:.4f} | {b['measured']:.4f} |" for t, b in bits.items())))
 float_linear_mb = 4 * n_linear / 2**20
 print(f"{len(quant_layers)} quantized linear layers: {n_linear:,d} weights, {float_linear_mb:.0f} MB in float32, "
-      f"{nf4.quantized_nbytes(quantized['NF4+DQ']) / 2**20:.1f} MB in NF4+DQ "
-      f"({float_linear_mb * 2**20 / nf4.quantized_nbytes(quantized['NF4+DQ']):.1f}x smaller)")
+      f"{linear4bit.model_nbytes(quantized['NF4+DQ']) / 2**20:.1f} MB in NF4+DQ "
+      f"({float_linear_mb * 2**20 / linear4bit.model_nbytes(quantized['NF4+DQ']):.1f}x smaller)")
 saved_gb_65b = 65e9 * (bits["NF4"]["computed"] - bits["NF4+DQ"]["computed"]) / 8 / 1e9
 print(f"double quantization saves {bits['NF4']['computed'] - bits['NF4+DQ']['computed']:.3f} bit per weight: "
       f"{saved_gb_65b:.1f} GB for a 65B model (the paper: about 3 GB)")
@@ -268,8 +269,8 @@ print(f"double quantization saves {bits['NF4']['computed'] - bits['NF4+DQ']['com
 print("measured bits per weight equal the computed ones (within 0.01):",
       all(abs(b["measured"] - b["computed"]) < 0.01 for b in bits.values()))
 print("every selected linear layer of the quantized model is 4-bit, the output head is not:",
-      sum(isinstance(m, nf4.Linear4bit) for m in quantized["NF4+DQ"].modules()) == len(quant_layers)
-      and not isinstance(quantized["NF4+DQ"].lm_head, nf4.Linear4bit))
+      sum(isinstance(m, linear4bit.Linear4bit) for m in quantized["NF4+DQ"].modules()) == len(quant_layers)
+      and not isinstance(quantized["NF4+DQ"].lm_head, linear4bit.Linear4bit))
 
 # %% [markdown]
 # ## Paper vs. ours

@@ -52,12 +52,13 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from transformers.utils import logging as hf_logging
 
-from peft_from_scratch import bib, core, data, equivalence, evaluate, models, nf4
-from peft_from_scratch.lora import LoRAConfig
+from peft_from_scratch import bib, core, data, equivalence, evaluate, models
+from peft_from_scratch.optim import make_paged_adamw, optimizer_state_bytes
+from peft_from_scratch.quantized import linear4bit
+from peft_from_scratch.reparameterized.lora import LoRAConfig
 from peft_from_scratch.notebook import load_results, start
-from peft_from_scratch.qlora import (is_checkpointing, make_paged_adamw, optimizer_state_bytes,
-                                     peft_style_parameter_count, prepare_qlora)
-from peft_from_scratch.train import TrainConfig, evaluate_loss, make_adamw, train
+from peft_from_scratch.quantized.qlora import is_checkpointing, peft_style_parameter_count, prepare_qlora
+from peft_from_scratch.training import TrainConfig, evaluate_loss, make_adamw, train
 
 hf_logging.disable_progress_bar()      # bitsandbytes' loading bar would fill the notebook
 torch._dynamo.config.disable = True   # bnb wraps some CPU ops in torch.compile: seconds per new shape; run eagerly
@@ -71,7 +72,7 @@ bib.paper_card("dettmers2023qlora",
 # %% [markdown]
 # ## 1. The recipe in one call
 #
-# `prepare_qlora` quantizes every linear layer but the output head (`nf4.quantize_model`), adds LoRA
+# `prepare_qlora` quantizes every linear layer but the output head (`linear4bit.quantize_model`), adds LoRA
 # to all of them (`core.add_adapter`, which freezes everything else), and turns on gradient
 # checkpointing. The body of the function:
 
@@ -91,7 +92,7 @@ print(ours.model.layers[0].self_attn.q_proj)
 adapters = core.adapter_layers(ours)
 trainable, total = peft_style_parameter_count(ours)
 print(f"LoRA layers: {len(adapters)} (7 per block x {len(ours.model.layers)} blocks), each on a Linear4bit:",
-      all(isinstance(l.base_layer, nf4.Linear4bit) for l in adapters.values()))
+      all(isinstance(l.base_layer, linear4bit.Linear4bit) for l in adapters.values()))
 print(f"trainable parameters: {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%)")
 print("only A and B are trainable:", all(n.endswith((".A", ".B")) for n, p in ours.named_parameters() if p.requires_grad))
 print("the output head stays float, without an adapter:", type(ours.lm_head) is torch.nn.Linear)
@@ -146,10 +147,10 @@ pairs = {}
 g = torch.Generator().manual_seed(seed)
 with torch.no_grad():
     for name, layer in adapters.items():
-        layer.B.copy_(torch.randn(layer.B.shape, generator=g) * 0.02)
+        layer.lora.B.copy_(torch.randn(layer.lora.B.shape, generator=g) * 0.02)
         their = peft_modules["base_model.model." + name]
-        for key, mine, theirs_t in (("A", layer.A, their.lora_A["default"].weight),
-                                    ("B", layer.B, their.lora_B["default"].weight)):
+        for key, mine, theirs_t in (("A", layer.lora.A, their.lora_A["default"].weight),
+                                    ("B", layer.lora.B, their.lora_B["default"].weight)):
             theirs_t.copy_(mine)
             pairs[f"{name}.{key}"] = (mine, theirs_t)
 ours.train(); theirs.train()
@@ -196,8 +197,8 @@ lora = core.add_adapter(copy.deepcopy(smol), qlora_config)
 qlora = prepare_qlora(copy.deepcopy(smol), qlora_config)
 with torch.no_grad():                                   # the same starting A in both
     for name, layer in core.adapter_layers(qlora).items():
-        layer.A.copy_(lora.get_submodule(name).A)
-packed_before = {n: m.weight.clone() for n, m in qlora.named_modules() if isinstance(m, nf4.Linear4bit)}
+        layer.lora.A.copy_(lora.get_submodule(name).lora.A)
+packed_before = {n: m.weight.clone() for n, m in qlora.named_modules() if isinstance(m, linear4bit.Linear4bit)}
 zero_shot = {"float": evaluate_loss(smol, test_loader), "NF4+DQ": evaluate_loss(qlora, test_loader)}
 print(f"zero-shot test loss: float {zero_shot['float']:.3f}, NF4+DQ base {zero_shot['NF4+DQ']:.3f}")
 
@@ -225,7 +226,7 @@ for label, model, make in [("QLoRA", qlora, make_paged_adamw), ("LoRA", lora, ma
           f"generation {results[label]['generate_s']:.0f} s")
 print(f"\nMR: {test_rows[0]['mr']}\n  QLoRA: {results['QLoRA']['hyps'][0]}\n  LoRA:  {results['LoRA']['hyps'][0]}")
 packed_unchanged = all(torch.equal(m.weight, packed_before[n]) for n, m in qlora.named_modules()
-                       if isinstance(m, nf4.Linear4bit))
+                       if isinstance(m, linear4bit.Linear4bit))
 
 # %%
 baseline = load_results("01_full_finetuning", "results")   # the committed run of notebook 01
@@ -253,7 +254,7 @@ print(f"full fine-tuning (notebook 01, {baseline['profile']} profile, {ft['steps
 # %%
 def weight_bytes(model):
     float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return float_bytes + nf4.quantized_nbytes(model)     # Linear4bit's packed codes are buffers, not parameters
+    return float_bytes + linear4bit.model_nbytes(model)     # Linear4bit's packed codes are buffers, not parameters
 
 
 memory = {}

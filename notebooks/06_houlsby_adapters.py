@@ -44,10 +44,12 @@ import torch
 import torch.nn.functional as F
 from IPython.display import Markdown, display
 
-from peft_from_scratch import adapterhub, bib, core, data, evaluate, models
-from peft_from_scratch.adapters import Bottleneck, HoulsbyAdapterLinear, HoulsbyConfig, adapter_parameter_count
+from peft_from_scratch import bib, core, data, evaluate, models
+from peft_from_scratch.additive.bottleneck import Bottleneck, parameter_count as adapter_parameter_count
+from peft_from_scratch.additive.houlsby import HoulsbyAdapterLinear, HoulsbyConfig
+from peft_from_scratch.interop import adapterhub
 from peft_from_scratch.notebook import load_results, start
-from peft_from_scratch.train import TrainConfig, train
+from peft_from_scratch.training import TrainConfig, train
 
 run = start("06_houlsby_adapters", profile, seed, results_dir)
 bib.paper_card("houlsby2019parameterefficient",
@@ -193,7 +195,7 @@ print("and the adapters do change the layer (difference > 1e-2):", adapter_effec
 # gradients at the first, and all trained tensors (adapters, LayerNorms, head) after five AdamW
 # steps on real SST-2 batches. Two of AdapterHub's defaults differ from the paper and from us: the
 # non-linearity (swish; the paper's code uses GELU) and the frozen LayerNorms, so the comparison
-# sets GELU and unfreezes them (`peft_from_scratch/adapterhub.py` lists every difference found).
+# sets GELU and unfreezes them (`peft_from_scratch/interop/adapterhub.py` lists every difference found).
 
 # %%
 hub_batches = list(itertools.islice(data.make_loader(data.tokenize_classification(

@@ -41,14 +41,13 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 from IPython.display import Markdown, display
-from peft import PrefixTuningConfig as PeftPrefixTuningConfig
-from peft import get_peft_model
 
 from peft_from_scratch import bib, core, data, equivalence, evaluate, models
-from peft_from_scratch.lora import LoRAConfig
+from peft_from_scratch.additive.prefix_tuning import PrefixEncoder, PrefixTuningConfig, fold_prefix
+from peft_from_scratch.interop import peft as peft_io
 from peft_from_scratch.notebook import load_results, start
-from peft_from_scratch.prompts import PrefixEncoder, PrefixTuningConfig, fold_prefix
-from peft_from_scratch.train import TrainConfig, evaluate_loss, train
+from peft_from_scratch.reparameterized.lora import LoRAConfig
+from peft_from_scratch.training import TrainConfig, evaluate_loss, train
 
 run = start("07_prefix_tuning", profile, seed, results_dir)
 bib.paper_card("li2021prefix",
@@ -138,24 +137,9 @@ eq_batches = list(data.make_loader(data.tokenize_causal(eq_rows, tok, data.e2e_e
 gen_prompt = tok(data.chat_prompt(tok, data.e2e_example(eq_rows[0])[0]), return_tensors="pt", add_special_tokens=False)
 
 
-def twin(projection):
-    ours = core.add_adapter(copy.deepcopy(smol), PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=projection))
-    theirs = get_peft_model(copy.deepcopy(smol), PeftPrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
-                                                                       prefix_projection=projection))
-    ours_sd = core.adapter_state_dict(ours)
-    result = theirs.load_state_dict({k.replace("prompt_encoder.", "prompt_encoder.default.", 1): v
-                                     for k, v in ours_sd.items()}, strict=False)
-    assert not result.unexpected_keys
-    theirs_params = dict(theirs.named_parameters())
-    pairs = {k: (ours.get_parameter(k), theirs_params[k.replace("prompt_encoder.", "prompt_encoder.default.", 1)])
-             for k in ours_sd}
-    assert {id(b) for _, b in pairs.values()} == {id(p) for p in theirs.parameters() if p.requires_grad}
-    return ours.eval(), theirs.eval(), pairs
-
-
 checks = {}
 for projection in (False, True):
-    ours, theirs, pairs = twin(projection)
+    ours, theirs, pairs = peft_io.twin(smol, PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=projection))
     report = equivalence.compare(ours, theirs, pairs, eq_batches, steps=5, lr=1e-2, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         same_tokens = torch.equal(*(m.generate(**gen_prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False,

@@ -40,14 +40,15 @@ import inspect
 import matplotlib.pyplot as plt
 import torch
 from IPython.display import Markdown, display
-from peft import PromptEncoderConfig as PeftPromptEncoderConfig
 from peft import PromptTuningConfig as PeftPromptTuningConfig
 from peft import get_peft_model
 
 from peft_from_scratch import bib, core, data, equivalence, evaluate, models
 from peft_from_scratch.notebook import start
-from peft_from_scratch.prompts import PromptTuningConfig, PTuningConfig, SoftPrompt
-from peft_from_scratch.train import TrainConfig, train
+from peft_from_scratch.additive import PromptTuningConfig, PTuningConfig
+from peft_from_scratch.additive.soft_prompt import SoftPrompt
+from peft_from_scratch.interop import peft as peft_io
+from peft_from_scratch.training import TrainConfig, train
 
 run = start("08_prompt_tuning", profile, seed, results_dir)
 bib.paper_card("lester2021power",
@@ -100,30 +101,15 @@ eq_batches = list(data.make_loader(data.tokenize_causal(eq_rows, tok, data.sst2_
                                    pad_token_id=tok.pad_token_id))
 gen_prompt = tok(data.chat_prompt(tok, data.sst2_generation_example(eq_rows[0])[0]), return_tensors="pt",
                  add_special_tokens=False)
-peft_key = lambda k: k.replace("prompt_encoder.", "prompt_encoder.default.", 1)
-
-
-def twin(ours_config, peft_config):
-    ours = core.add_adapter(copy.deepcopy(smol), ours_config)
-    theirs = get_peft_model(copy.deepcopy(smol), peft_config)
-    sd = core.adapter_state_dict(ours)
-    assert not theirs.load_state_dict({peft_key(k): v for k, v in sd.items()}, strict=False).unexpected_keys
-    named = dict(theirs.named_parameters())
-    pairs = {k: (ours.get_parameter(k), named[peft_key(k)]) for k in sd}
-    assert {id(b) for _, b in pairs.values()} == {id(p) for p in theirs.parameters() if p.requires_grad}
-    return ours.eval(), theirs.eval(), pairs
 
 
 setups = {
-    "prompt tuning": (PromptTuningConfig(num_virtual_tokens=4),
-                      PeftPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)),
-    "P-tuning (LSTM)": (PTuningConfig(num_virtual_tokens=4, encoder="lstm", encoder_hidden_size=d // 2),
-                        PeftPromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
-                                                encoder_reparameterization_type="LSTM", encoder_hidden_size=d // 2)),
+    "prompt tuning": PromptTuningConfig(num_virtual_tokens=4),
+    "P-tuning (LSTM)": PTuningConfig(num_virtual_tokens=4, encoder="lstm", encoder_hidden_size=d // 2),
 }
 checks = {}
-for name, (ours_config, peft_config) in setups.items():
-    ours, theirs, pairs = twin(ours_config, peft_config)
+for name, ours_config in setups.items():
+    ours, theirs, pairs = peft_io.twin(smol, ours_config)
     report = equivalence.compare(ours, theirs, pairs, eq_batches, steps=5, lr=1e-2, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         same_tokens = torch.equal(*(m.generate(**gen_prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False,

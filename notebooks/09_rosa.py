@@ -44,11 +44,14 @@ import torch
 from IPython.display import Markdown, display
 from peft import LoraConfig, get_peft_model
 
-from peft_from_scratch import bib, core, data, equivalence, evaluate, models, rosa
+from peft_from_scratch import bib, core, data, equivalence, evaluate, models
+from peft_from_scratch.blocks.masks import top_k_mask
+from peft_from_scratch.interop import peft as peft_io
 from peft_from_scratch.kernels import sparse as sp
 from peft_from_scratch.notebook import start
-from peft_from_scratch.rosa import RoSAConfig, RoSALinear
-from peft_from_scratch.train import TrainConfig, evaluate_loss, train
+from peft_from_scratch.reparameterized import rosa
+from peft_from_scratch.reparameterized.rosa import RoSAConfig, RoSALinear
+from peft_from_scratch.training import TrainConfig, evaluate_loss, train
 
 run = start("09_rosa", profile, seed, results_dir)
 bib.paper_card("nikdan2024rosa",
@@ -82,7 +85,7 @@ def best_rank(X, r):
 
 
 def best_sparse(X, k):
-    return X * rosa.top_k_mask(X.abs(), k)
+    return X * top_k_mask(X.abs(), k)
 
 
 def low_rank_plus_sparse(X, r, k, iters=50):
@@ -118,7 +121,7 @@ print("low-rank + sparse beats both at the same budget:", lps < min(v for k, v i
 
 # %%
 print(inspect.getsource(RoSALinear.forward))
-print(inspect.getsource(rosa.SparseLinearFunction.backward))
+print(inspect.getsource(sp.SparseLinearFunction.backward))
 
 # %% [markdown]
 # The three implementations of each product in `kernels/sparse.py` (dense masked reference, PyTorch
@@ -131,15 +134,15 @@ smol, tok = models.load_model(models.SMOLLM2)
 smol.eval()
 torch.manual_seed(seed)
 layer = RoSALinear(copy.deepcopy(smol.model.layers[0].mlp.down_proj), r=4, alpha=8, d=0.01)
-layer.set_mask(rosa.top_k_mask(torch.rand(layer.shape), layer.k))
+layer.set_mask(top_k_mask(torch.rand(layer.shape), layer.k))
 with torch.no_grad():
-    layer.values.normal_(std=0.02), layer.B.normal_(std=0.02)
+    layer.values.normal_(std=0.02), layer.lora.B.normal_(std=0.02)
 x = torch.randn(8, 16, layer.shape[1], requires_grad=True)
 y = layer(x)
 y.square().mean().backward()
 S_dense = sp.csr_to_dense(layer.values.detach(), layer.crow_indices, layer.col_indices, layer.shape)
 x2 = x.detach().clone().requires_grad_()
-W = (layer.base_layer.weight + layer.scaling * layer.B @ layer.A + S_dense).detach().requires_grad_()
+W = (layer.base_layer.weight + layer.lora.scaling * layer.lora.B @ layer.lora.A + S_dense).detach().requires_grad_()
 y2 = x2 @ W.T
 y2.square().mean().backward()
 rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()     # max error relative to the largest entry
@@ -162,7 +165,7 @@ for what, diff in layer_checks.items():
 # $r = 0$ it is a sparse-only adapter: compare with peft's ShiRA, which keeps exactly
 # $r(d_{in} + d_{out})$ entries per layer (LoRA rank $r$'s budget) and accepts a mask through its
 # `mask_fn`. `rosa.lora_budget_density` gives the densities that match that count layer by layer,
-# and `rosa.peft_shira_twin` hands our masks (chosen by our Fisher rule) and values to ShiRA.
+# and `peft_io.shira_twin` hands our masks (chosen by our Fisher rule) and values to ShiRA.
 # Logits at every step, gradients at the first, parameters after three AdamW steps, on SmolLM2
 # with every linear layer adapted.
 #
@@ -189,9 +192,9 @@ theirs = get_peft_model(copy.deepcopy(smol), LoraConfig(r=4, lora_alpha=8, targe
 peft_modules, pairs = dict(theirs.named_modules()), {}
 with torch.no_grad():
     for name, layer in rosa.rosa_layers(ours).items():
-        layer.B.copy_(torch.randn(layer.B.shape, generator=g) * 0.02)
+        layer.lora.B.copy_(torch.randn(layer.lora.B.shape, generator=g) * 0.02)
         their = peft_modules["base_model.model." + name]
-        for key, mine, other in (("A", layer.A, their.lora_A["default"].weight), ("B", layer.B, their.lora_B["default"].weight)):
+        for key, mine, other in (("A", layer.lora.A, their.lora_A["default"].weight), ("B", layer.lora.B, their.lora_B["default"].weight)):
             other.copy_(mine)
             pairs[f"{name}.{key}"] = (mine, other)
 lora_report = equivalence.compare(ours.eval(), theirs.eval(), pairs, eq_batches, steps=3, lr=1e-3, rtol=1e-5, atol=1e-6)
@@ -206,7 +209,7 @@ rosa.set_masks(ours, rosa.select_masks(rosa.accumulate_fisher(ours, eq_batches),
 with torch.no_grad():
     for layer in rosa.rosa_layers(ours).values():
         layer.values.copy_(torch.randn(layer.k, generator=g) * 0.01)
-theirs, pairs = rosa.peft_shira_twin(ours, smol64)
+theirs, pairs = peft_io.shira_twin(ours, smol64)
 shira_report = equivalence.compare(ours.eval(), theirs.eval(), pairs, eq_batches, steps=3, lr=1e-3, rtol=1e-5, atol=1e-6)
 shira_params = shira_report.diffs["params"]
 shira_passed = (shira_report.diffs["logits"].outside == 0 and shira_report.diffs["grads"].outside == 0
@@ -373,14 +376,14 @@ display(Markdown(f"""
 #
 # ## Exercises
 #
-# 1. QRoSA: quantize SmolLM2 with `qlora.prepare_qlora`'s `nf4.quantize_model` first, then run RoSA
+# 1. QRoSA: quantize SmolLM2 with `quantized.quantize_model` first, then run RoSA
 #    on the 4-bit base (`RoSALinear` accepts `Linear4bit`; the Fisher hooks need no float weights).
-# 2. Replace the Fisher mask by a random mask of the same size (`rosa.top_k_mask(torch.rand(shape), k)`).
+# 2. Replace the Fisher mask by a random mask of the same size (`blocks.masks.top_k_mask(torch.rand(shape), k)`).
 #    How much of RoSA's result is the choice of entries?
 # 3. Skip the warm-up (`warmup_fn=None`): the mask then comes from gradients at $W_0$. Does it matter
 #    in a short run?
 # 4. Sweep the split of one budget between rank and sparsity: r = 16, 12, 8, 4 with the rest sparse.
-# 5. Time a step of RoSA against LoRA (`bench/bench_rosa.py`); on a GPU, the Triton SpMM/SDDMM run.
+# 5. Time a step of RoSA against LoRA (`python -m bench.bench_rosa`); on a GPU, the Triton SpMM/SDDMM run.
 
 # %%
 claims = {

@@ -205,25 +205,57 @@ def render_reading_list(bib_path: str | Path | None = None, nb_dir: str | Path |
     return "\n".join(out) + "\n"
 
 
+MAP_START, MAP_END = "<!-- method map: start -->", "<!-- method map: end -->"
+ROOT_README = REPO / "README.md"
+
+
+def render_method_map(nb_dir: str | Path | None = None) -> str:
+    """The README's map: every registered method by family, with its file, paper and notebooks."""
+    from .core import registry   # lazily: the registry imports every method
+    citing = notebooks_citing(nb_dir)
+    lines = [MAP_START, "", "| family | method | kind | file | paper | notebooks |", "|---|---|---|---|---|---|"]
+    for m in registry.methods():
+        notebooks = ", ".join(f"[{Path(n).stem}](notebooks/{n})" for n in citing.get(m.paper, [])) or "not yet"
+        parent = f" (extends `{m.parent}`)" if m.parent else ""
+        lines.append(f"| {m.family} | `{m.name}`{parent} | {m.kind} | [{m.file}]({m.file}) | "
+                     f"[{cite(m.paper)}]({link(m.paper)}) | {notebooks} |")
+    return "\n".join(lines + ["", MAP_END])
+
+
+def readme_with_map(text: str, nb_dir: str | Path | None = None) -> str:
+    """``text`` (the README) with the block between the map markers replaced by ``render_method_map``."""
+    if MAP_START not in text or MAP_END not in text:
+        raise ValueError(f"the README has no {MAP_START} ... {MAP_END} block for the method map")
+    head, rest = text.split(MAP_START, 1)
+    return head + render_method_map(nb_dir) + rest.split(MAP_END, 1)[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m peft_from_scratch.bib", description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help="write references/README.md")
-    mode.add_argument("--check", action="store_true", help="exit 1 if references/README.md is out of date")
-    args, text = parser.parse_args(argv), render_reading_list()
+    mode.add_argument("--write", action="store_true", help="write references/README.md and the README's method map")
+    mode.add_argument("--check", action="store_true", help="exit 1 if either is out of date")
+    args = parser.parse_args(argv)
+    generated = {README_PATH: render_reading_list(),
+                 ROOT_README: readme_with_map(ROOT_README.read_text(encoding="utf-8"))}
     if args.write:
-        README_PATH.write_text(text, encoding="utf-8")
-        print(f"wrote {README_PATH}")
+        for path, text in generated.items():
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path}")
     elif args.check:
-        current = README_PATH.read_text(encoding="utf-8") if README_PATH.exists() else ""
-        if current != text:
-            sys.stdout.writelines(difflib.unified_diff(
-                current.splitlines(True), text.splitlines(True), "README.md (on disk)", "README.md (generated)"))
-            print(f"\n{README_PATH} is out of date: run `python -m peft_from_scratch.bib --write`.")
+        stale = 0
+        for path, text in generated.items():
+            current = path.read_text(encoding="utf-8") if path.exists() else ""
+            if current != text:
+                sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), text.splitlines(True),
+                                                           f"{path.name} (on disk)", f"{path.name} (generated)"))
+                print(f"\n{path} is out of date: run `python -m peft_from_scratch.bib --write`.")
+                stale += 1
+        if stale:
             return 1
-        print(f"{README_PATH} is up to date.")
+        print("references/README.md and the README's method map are up to date.")
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(generated[README_PATH])
     return 0
 
 

@@ -27,6 +27,8 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM)
 
+from .core.pretrained import register_resolver
+
 
 @dataclass(frozen=True)
 class OfflineModel:
@@ -192,3 +194,11 @@ def tiny_bert(seed: int = 0, vocab_size: int = 128, hidden_size: int = 64, num_h
 def count_parameters(model: torch.nn.Module) -> int:
     """All parameters, counting tied weights once (SmolLM2 ties lm_head to the embeddings)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _offline_folder(name: str) -> Path | None:
+    """For ``core.pretrained``: the local folder of an offline model name, None for other names."""
+    return local_path(name) if _resolve(name) else None
+
+
+register_resolver(_offline_folder)

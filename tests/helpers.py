@@ -1,27 +1,24 @@
-"""Helpers shared by test_lora.py and test_dora.py: build ours and peft's on the same base, compare.
+"""Helpers shared by the equivalence tests: build ours and peft's on the same base, compare.
 
 The pattern every equivalence test follows:
 
 1. two identical copies of one base model (deep copies, or two loads of a real model);
-2. ours: ``core.add_adapter(copy, LoRAConfig/DoRAConfig)``; peft's: ``get_peft_model(copy, LoraConfig)``;
+2. ours and peft's built by ``interop.peft.twin`` (the same function the notebooks use);
 3. give our adapter "trained" values (B random, m perturbed) and copy every adapter tensor into
-   peft through our own key mapping (``to_peft_key`` + ``set_peft_model_state_dict``), so the test
-   also checks that mapping;
+   peft through our own key mapping, so the test also checks that mapping;
 4. compare the logits at every step, every adapter gradient at the first step, and the adapter
    parameters after 5 AdamW steps on the same batches.
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
-from torch import nn
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
 from peft_from_scratch import core
 from peft_from_scratch.equivalence import Diff  # the same report the notebooks print
-from peft_from_scratch.lora import PEFT_PREFIX, LoRAConfig, from_peft_key, to_peft_key
+from peft_from_scratch.interop import peft as pio
+from peft_from_scratch.reparameterized.lora import LoRAConfig
 
 # Float32 tolerances for "agrees with peft": what rounding in a different but equal formula gives.
 RTOL, ATOL = 1e-5, 1e-6
@@ -43,54 +40,33 @@ def batches(n, vocab=128, shape=(2, 12), seq_cls=False, seed=0):
     return out
 
 
-def peft_config(config: LoRAConfig, task_type=None) -> LoraConfig:
-    """peft's LoraConfig with the same hyper-parameters as ours."""
-    return LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, use_rslora=config.use_rslora,
-                      use_dora=config.method == "dora", target_modules=config.target_modules,
-                      modules_to_save=list(config.modules_to_save) or None, task_type=task_type,
-                      init_lora_weights="gaussian" if config.init == "gaussian" else True)
-
-
 def perturb(model, seed=1, b_std=0.05, m_noise=0.1, saved_noise=0.02):
     """Move the adapter away from its initial values, as training would (B != 0, m != ||W0||)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in core.adapter_layers(model).values():
-            layer.B.copy_(torch.randn(layer.B.shape, generator=g) * b_std)
-            if hasattr(layer, "m"):
-                layer.m.mul_(1 + m_noise * torch.randn(layer.m.shape, generator=g))
+            layer.lora.B.copy_(torch.randn(layer.lora.B.shape, generator=g) * b_std)
+            if getattr(layer, "variant", None) is not None:
+                layer.variant.m.mul_(1 + m_noise * torch.randn(layer.variant.m.shape, generator=g))
         for name in model.adapter_config.modules_to_save:
             for p in model.get_submodule(name).parameters():
                 p.add_(saved_noise * torch.randn(p.shape, generator=g))
 
 
 def make_pair(base, config: LoRAConfig, task_type=None, seed=1, **perturbation):
-    """(ours, peft's) on two identical copies of the base, with identical (perturbed) adapter values.
+    """(ours, peft's) on two identical copies of the base, with identical (perturbed) adapter values:
+    ``interop.peft.twin`` with ``perturb`` above, whose key mapping is then also under test.
 
     ``base`` is a model (deep-copied twice) or a function that builds a fresh identical one per call
     (faster than a deep copy for the real models, which load from a memory-mapped file).
     """
-    fresh = base if callable(base) and not isinstance(base, nn.Module) else (lambda: copy.deepcopy(base))
-    ours = core.add_adapter(fresh(), config)
-    theirs = get_peft_model(fresh(), peft_config(config, task_type))
-    perturb(ours, seed, **perturbation)
-    state = {to_peft_key(k): v for k, v in core.adapter_state_dict(ours).items()}
-    result = set_peft_model_state_dict(theirs, state)
-    assert not result.unexpected_keys, result.unexpected_keys
-    # get_peft_model leaves its new modules (lora_dropout included) in training mode even on an
-    # eval() model; compare both in eval mode, as the base was.
-    return ours.eval(), theirs.eval()
+    ours, theirs, _ = pio.twin(base, config, task_type, perturb=lambda m: perturb(m, seed, **perturbation))
+    return ours, theirs
 
 
-def peft_param(peft_model, our_key: str) -> torch.Tensor:
+def peft_param(peft_model, our_key: str, config) -> torch.Tensor:
     """peft's parameter that corresponds to one of our adapter keys (in memory, adapter "default")."""
-    key, kind = from_peft_key(to_peft_key(our_key))
-    module, _, param = key.rpartition(".")
-    m = peft_model.get_submodule(PEFT_PREFIX + module)
-    if kind == "saved":
-        return getattr(m.modules_to_save["default"], param)
-    return {"A": lambda: m.lora_A["default"].weight, "B": lambda: m.lora_B["default"].weight,
-            "m": lambda: m.lora_magnitude_vector["default"].weight}[kind]()
+    return peft_model.get_parameter(pio.peft_param_name(our_key, config))
 
 
 def trainable(model) -> dict[str, torch.Tensor]:
@@ -109,7 +85,7 @@ def compare_with_peft(ours, theirs, data, steps=STEPS, lr=LR, rtol=RTOL, atol=AT
     gradients (DoRA's, not LoRA's, which match peft bit for bit) produce such outliers.
     """
     ours_params = trainable(ours)
-    their_params = {k: peft_param(theirs, k) for k in ours_params}
+    their_params = {k: peft_param(theirs, k, ours.adapter_config) for k in ours_params}
     assert {id(p) for p in their_params.values()} == {id(p) for p in trainable(theirs).values()}, \
         "ours and peft train different parameter sets"
     for k in ours_params:

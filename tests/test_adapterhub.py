@@ -22,8 +22,9 @@ import sys
 import pytest
 import torch
 
-from peft_from_scratch import adapterhub, core
-from peft_from_scratch.adapters import HoulsbyConfig
+from peft_from_scratch import core
+from peft_from_scratch.interop import adapterhub
+from peft_from_scratch.additive.houlsby import HoulsbyConfig
 from peft_from_scratch.models import MINILM, tiny_bert
 from tests.helpers import ATOL, RTOL, one_thread, real_model, tokens  # noqa: F401  (one_thread: autouse)
 
@@ -144,3 +145,14 @@ def test_compare_refuses_what_adapterhub_cannot_mirror():
     with pytest.raises(ValueError, match="m dividing d"):
         adapterhub.compare(core.add_adapter(tiny_bert(), HoulsbyConfig(m=7, modules_to_save=["classifier"])),
                            make_batches(128))
+
+
+def test_the_worker_lives_outside_the_package_and_needs_no_path_tricks():
+    """It lived inside the package and had to drop its own folder from sys.path, because our adapters.py
+    shadowed AdapterHub's ``adapters``. Now it is a script beside the repository's others."""
+    from pathlib import Path
+    import peft_from_scratch
+    package = Path(peft_from_scratch.__file__).parent
+    assert not list(package.rglob("adapters.py")) and not list(package.rglob("adapterhub_worker.py"))
+    assert adapterhub.WORKER.exists() and adapterhub.WORKER.parent.name == "scripts"
+    assert "sys.path" not in adapterhub.WORKER.read_text()

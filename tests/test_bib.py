@@ -156,8 +156,19 @@ def test_readme_is_in_sync():
         "references/README.md is out of date: run `python -m peft_from_scratch.bib --write`")
 
 
+def test_the_readme_method_map_is_in_sync_and_lists_every_method():
+    from peft_from_scratch.core import registry
+    text = bib.ROOT_README.read_text(encoding="utf-8")
+    assert text == bib.readme_with_map(text), "the README's method map is out of date: run `python -m peft_from_scratch.bib --write`"
+    table = text.split(bib.MAP_START)[1].split(bib.MAP_END)[0]
+    for m in registry.methods():
+        assert f"`{m.name}`" in table and m.file in table and bib.cite(m.paper) in table
+
+
 def test_main_check_and_write(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bib, "README_PATH", tmp_path / "README.md")
+    monkeypatch.setattr(bib, "ROOT_README", tmp_path / "ROOT.md")
+    (tmp_path / "ROOT.md").write_text(f"intro\n{bib.MAP_START}\nold\n{bib.MAP_END}\nrest\n")
     (tmp_path / "README.md").write_text("stale\n")
     assert bib.main(["--check"]) == 1
     assert "--write" in capsys.readouterr().out

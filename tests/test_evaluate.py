@@ -6,7 +6,7 @@ from torch import nn
 
 from peft_from_scratch import core, data, evaluate
 from peft_from_scratch.models import tiny_llama
-from peft_from_scratch.prompts import PromptTuningConfig
+from peft_from_scratch.additive import PromptTuningConfig
 from test_data import smol  # noqa: F401  (the SmolLM2 tokenizer fixture)
 
 ROWS = Dataset.from_dict({"text": ["good", "bad", "fine film", "awful, dull", "ok"], "label": [1, 0, 1, 0, 1]})

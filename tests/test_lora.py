@@ -12,7 +12,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from peft_from_scratch import core
-from peft_from_scratch.lora import LoRAConfig, LoRALinear, load_peft_adapter, save_peft_adapter
+from peft_from_scratch.interop.peft import load_peft_adapter, save_peft_adapter
+from peft_from_scratch.reparameterized.lora import LoRAConfig, LoRALinear
 from peft_from_scratch.models import MINILM, SMOLLM2, tiny_bert, tiny_llama
 from tests.helpers import (ATOL, RTOL, batches, compare_with_peft, make_pair, one_thread, perturb,  # noqa: F401
                            real_model, tokens)
@@ -56,8 +57,8 @@ def test_rslora_scaling_equals_peft():
     config = LoRAConfig(r=8, alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj"])
     ours, theirs = make_pair(tiny_llama(), config)
     for name, layer in core.adapter_layers(ours).items():
-        assert layer.scaling == pytest.approx(16 / 8 ** 0.5)
-        assert layer.scaling == theirs.get_submodule("base_model.model." + name).scaling["default"]
+        assert layer.lora.scaling == pytest.approx(16 / 8 ** 0.5)
+        assert layer.lora.scaling == theirs.get_submodule("base_model.model." + name).scaling["default"]
     x = tokens()
     torch.testing.assert_close(ours(x).logits, theirs(x).logits, rtol=RTOL, atol=ATOL)
 
@@ -88,28 +89,10 @@ def test_init_has_peft_distribution():
     for name, layer in core.adapter_layers(ours).items():
         peft_A = theirs.get_submodule("base_model.model." + name).lora_A["default"].weight
         bound = 1 / 256 ** 0.5
-        for A in (layer.A, peft_A):
+        for A in (layer.lora.A, peft_A):
             assert A.abs().max() <= bound and A.abs().max() > 0.95 * bound
             assert A.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.05)  # std of U(-b, b)
-        assert torch.equal(layer.B, torch.zeros_like(layer.B))
-
-
-# ----------------------------------------------------------------------------- merge
-
-def test_merge_then_unmerge_returns_the_base_weights():
-    base = tiny_llama()
-    model = core.add_adapter(copy.deepcopy(base), LoRAConfig(r=4, alpha=8, target_modules=LLAMA_ALL))
-    perturb(model)
-    x = tokens()
-    unmerged = model(x).logits
-    core.merge_adapter(model)
-    torch.testing.assert_close(model(x).logits, unmerged, rtol=RTOL, atol=1e-5)
-    with pytest.raises(RuntimeError, match="already merged"):
-        core.merge_adapter(model)
-    core.unmerge_adapter(model)
-    for name, layer in core.adapter_layers(model).items():
-        torch.testing.assert_close(layer.base_layer.weight, base.get_submodule(name).weight, rtol=0, atol=1e-6)
-    torch.testing.assert_close(model(x).logits, unmerged, rtol=0, atol=1e-5)
+        assert torch.equal(layer.lora.B, torch.zeros_like(layer.lora.B))
 
 
 # ----------------------------------------------------------------------------- peft's on-disk format
@@ -164,14 +147,6 @@ def test_bad_ranks_and_targets_fail_before_touching_the_model():
     assert not core.adapter_layers(model) and all(p.requires_grad for p in model.parameters())
 
 
-def test_loading_our_format_onto_another_base_fails(tmp_path):
-    core.save_adapter(trained(tiny_llama, LoRAConfig(r=4, target_modules=LLAMA_ALL)), tmp_path)
-    other = tiny_llama(seed=1)
-    with pytest.raises(ValueError, match="saved for another base model"):
-        core.load_adapter(other, tmp_path)
-    assert not core.adapter_layers(other)
-
-
 def test_loading_peft_format_onto_the_wrong_base(tmp_path):
     """What a peft file lets us check: module names, Linear types, shapes, the target set; and our
     fingerprint when we wrote the file. A peft-written file on same-shaped other weights loads."""
@@ -203,3 +178,16 @@ def test_loading_a_peft_adapter_with_options_we_do_not_implement(tmp_path):
     theirs.save_pretrained(tmp_path)
     with pytest.raises(NotImplementedError, match="bias.*rank_pattern|rank_pattern.*bias"):
         load_peft_adapter(tiny_llama(), tmp_path)
+
+
+def test_config_fields_map_to_peft_and_the_docstring_says_so():
+    """LoRAConfig's docstring once claimed peft's field names (alpha is lora_alpha in peft): the mapping
+    is now written once, in interop.peft.LORA_FIELDS, and it covers every field."""
+    import dataclasses
+    from peft import LoraConfig as PeftLoraConfig
+    from peft_from_scratch.interop.peft import LORA_FIELDS
+    ours = {f.name for f in dataclasses.fields(LoRAConfig)} - {"extra_trainable"}
+    theirs = {f.name for f in dataclasses.fields(PeftLoraConfig)}
+    assert ours == set(LORA_FIELDS) and set(LORA_FIELDS.values()) <= theirs
+    for mine, peft_name in LORA_FIELDS.items():
+        assert mine == peft_name or f"``{peft_name}``" in LoRAConfig.__doc__, mine

@@ -17,7 +17,8 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as BF  # noqa: E402
 
-from peft_from_scratch import core, nf4  # noqa: E402
+from peft_from_scratch import core  # noqa: E402
+from peft_from_scratch.quantized import linear4bit, nf4  # noqa: E402
 from peft_from_scratch.models import tiny_llama  # noqa: E402
 
 PYTORCH_BACKEND = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
@@ -321,7 +322,7 @@ def test_double_quantization_barely_changes_the_error():
 def test_linear4bit_forward_is_linear_with_the_dequantized_weight():
     torch.manual_seed(0)
     linear = nn.Linear(96, 40)
-    layer = nf4.Linear4bit.from_linear(linear)
+    layer = linear4bit.Linear4bit.from_linear(linear)
     assert isinstance(layer, nn.Linear) and layer.weight.dtype == torch.uint8
     assert (layer.in_features, layer.out_features) == (96, 40)
     x = torch.randn(3, 5, 96)
@@ -336,7 +337,7 @@ def test_linear4bit_forward_is_linear_with_the_dequantized_weight():
 
 
 def test_linear4bit_state_keeps_its_dtypes_under_half():
-    layer = nf4.Linear4bit.from_linear(nn.Linear(64, 32), double_quant=False)
+    layer = linear4bit.Linear4bit.from_linear(nn.Linear(64, 32), double_quant=False)
     before = layer.dequantize()
     layer.half()
     assert layer.absmax.dtype == torch.float32 and layer.bias.dtype == torch.float16
@@ -349,55 +350,55 @@ def test_quantize_model_replaces_all_linear_but_the_head():
     x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     before = model(x).logits
     expected = core.find_targets(model, "all-linear")
-    nf4.quantize_model(model)
-    quantized = [n for n, m in model.named_modules() if isinstance(m, nf4.Linear4bit)]
-    assert quantized == expected and not isinstance(model.lm_head, nf4.Linear4bit)
+    linear4bit.quantize_model(model)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, linear4bit.Linear4bit)]
+    assert quantized == expected and not isinstance(model.lm_head, linear4bit.Linear4bit)
     after = model(x).logits
     assert (after - before).abs().mean() < 0.1 * before.abs().mean()
-    assert nf4.quantized_nbytes(model) > 0
-    nf4.quantize_model(model)                                   # already quantized layers are skipped
+    assert linear4bit.model_nbytes(model) > 0
+    linear4bit.quantize_model(model)                                   # already quantized layers are skipped
     with pytest.raises(ValueError, match="matched no module"):
-        nf4.quantize_model(model, ["q_prj"])
+        linear4bit.quantize_model(model, ["q_prj"])
     with pytest.raises(TypeError, match="only nn.Linear"):
-        nf4.quantize_model(model, ["embed_tokens"])
+        linear4bit.quantize_model(model, ["embed_tokens"])
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 def test_checkpoint_round_trip(tmp_path):
-    model = nf4.quantize_model(tiny_llama(), ["q_proj", "down_proj"], blocksize=128)
-    nf4.save_quantized(model, tmp_path)
+    model = linear4bit.quantize_model(tiny_llama(), ["q_proj", "down_proj"], blocksize=128)
+    linear4bit.save_quantized(model, tmp_path)
     layout = json.loads((tmp_path / "quantized.json").read_text())["layers"]["model.layers.0.self_attn.q_proj"]
     assert layout["blocksize"] == 128 and layout["quant_type"] == "nf4" and layout["double_quant"]
     fresh = tiny_llama()                                        # float layers become Linear4bit, not re-quantized
-    nf4.load_quantized(fresh, tmp_path)
+    linear4bit.load_quantized(fresh, tmp_path)
     for name, m in model.named_modules():
-        if isinstance(m, nf4.Linear4bit):
+        if isinstance(m, linear4bit.Linear4bit):
             other = fresh.get_submodule(name)
-            assert isinstance(other, nf4.Linear4bit)
+            assert isinstance(other, linear4bit.Linear4bit)
             assert torch.equal(other.weight, m.weight) and torch.equal(other.dequantize(), m.dequantize())
     x = torch.randint(0, 128, (1, 7))
     assert torch.equal(fresh(x).logits, model(x).logits)
-    nf4.load_quantized(model, tmp_path)                         # same layout: loads in place
+    linear4bit.load_quantized(model, tmp_path)                         # same layout: loads in place
 
 
 @pytest.mark.parametrize("change, field", [(dict(blocksize=64), "blocksize"), (dict(quant_type="fp4"), "quant_type"),
                                            (dict(double_quant=False), "double_quant")])
 def test_checkpoint_layout_mismatch_names_the_field(tmp_path, change, field):
-    nf4.save_quantized(nf4.quantize_model(tiny_llama(), ["q_proj"], blocksize=128), tmp_path)
+    linear4bit.save_quantized(linear4bit.quantize_model(tiny_llama(), ["q_proj"], blocksize=128), tmp_path)
     kwargs = dict(blocksize=128) | change
-    model = nf4.quantize_model(tiny_llama(), ["q_proj"], **kwargs)
+    model = linear4bit.quantize_model(tiny_llama(), ["q_proj"], **kwargs)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=rf"layout mismatch(.|\n)*q_proj: .*{field} saved="):
-        nf4.load_quantized(model, tmp_path)
+        linear4bit.load_quantized(model, tmp_path)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # unchanged
 
 
 def test_checkpoint_shape_mismatch(tmp_path):
-    nf4.save_quantized(nf4.quantize_model(tiny_llama(), ["q_proj"]), tmp_path)
+    linear4bit.save_quantized(linear4bit.quantize_model(tiny_llama(), ["q_proj"]), tmp_path)
     with pytest.raises(ValueError, match=r"q_proj: shape saved=\[64, 64\] model=\[96, 96\]"):
-        nf4.load_quantized(tiny_llama(hidden_size=96), tmp_path)
+        linear4bit.load_quantized(tiny_llama(hidden_size=96), tmp_path)
     with pytest.raises(FileNotFoundError):
-        nf4.load_quantized(tiny_llama(), tmp_path / "nowhere")
+        linear4bit.load_quantized(tiny_llama(), tmp_path / "nowhere")
     with pytest.raises(ValueError, match="no Linear4bit"):
-        nf4.save_quantized(tiny_llama(), tmp_path / "empty")
+        linear4bit.save_quantized(tiny_llama(), tmp_path / "empty")

@@ -19,11 +19,11 @@ import pytest  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 
-from peft_from_scratch import nf4  # noqa: E402
-from peft_from_scratch.kernels import nf4_dequant  # noqa: E402
-from peft_from_scratch.kernels import dequantize_nf4_triton  # noqa: E402
+from peft_from_scratch.quantized import linear4bit, nf4  # noqa: E402
+from peft_from_scratch.kernels import triton as kt  # noqa: E402
+from peft_from_scratch.quantized.linear4bit import dequantize_triton  # noqa: E402
 
-needs_triton = pytest.mark.skipif(not nf4_dequant.triton_available(), reason="triton is not installed")
+needs_triton = pytest.mark.skipif(not kt.triton_available(), reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -38,7 +38,7 @@ def test_triton_kernel_equals_the_pytorch_reference(shape, dtype, quant_type, do
     W = (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
     W.view(-1)[: W.numel() // 3] = 0                    # some zero blocks, too
     packed, state = nf4.quantize_4bit(W.to(DEVICE), quant_type, blocksize, double_quant)
-    out = dequantize_nf4_triton(packed, state)
+    out = dequantize_triton(packed, state)
     assert out.dtype == dtype and out.shape == W.shape
     assert torch.equal(out, nf4.dequantize_4bit(packed, state))
 
@@ -49,7 +49,7 @@ def test_many_programs_and_a_ragged_end():
     W = torch.randn(37, 131, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     for double_quant in (True, False):
         packed, state = nf4.quantize_nf4(W, blocksize=64, double_quant=double_quant, blocksize2=256)
-        assert torch.equal(dequantize_nf4_triton(packed, state), nf4.dequantize_4bit(packed, state))
+        assert torch.equal(dequantize_triton(packed, state), nf4.dequantize_4bit(packed, state))
 
 
 @needs_triton
@@ -59,14 +59,14 @@ def test_bfloat16_output_rounds_to_nearest_even():
     state = nf4.QuantState(absmax=absmax.to(DEVICE), shape=torch.Size([3 * 64]), dtype=torch.bfloat16,
                            blocksize=64, code=nf4.nf4_code().to(DEVICE))
     packed = torch.full((96, 1), 0xFF, dtype=torch.uint8, device=DEVICE)     # every value is code[15] = 1.0
-    out = dequantize_nf4_triton(packed, state)
+    out = dequantize_triton(packed, state)
     assert torch.equal(out, nf4.dequantize_4bit(packed, state))
     assert out[[0, 64, 128]].tolist() == [1.0, 1.015625, -1.0]
 
 
 @needs_triton
 def test_linear4bit_with_the_kernel():
-    layer = nf4.Linear4bit.from_linear(nn.Linear(80, 24)).to(DEVICE)
+    layer = linear4bit.Linear4bit.from_linear(nn.Linear(80, 24)).to(DEVICE)
     x = torch.randn(4, 80, device=DEVICE)
     layer.use_triton = False
     reference = layer(x)
@@ -79,14 +79,14 @@ def test_the_kernel_refuses_a_state_from_another_tensor():
     packed, _ = nf4.quantize_nf4(torch.randn(8, 64, device=DEVICE))
     _, other = nf4.quantize_nf4(torch.randn(8, 32, device=DEVICE))
     with pytest.raises(ValueError, match="another tensor"):
-        dequantize_nf4_triton(packed, other)
+        dequantize_triton(packed, other)
 
 
 def test_a_missing_triton_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(nf4_dequant, "triton_available", lambda: False)
+    monkeypatch.setattr(kt, "triton_available", lambda: False)
     packed, state = nf4.quantize_nf4(torch.randn(64))
     with pytest.raises(ImportError, match="pip install triton"):
-        dequantize_nf4_triton(packed, state)
+        dequantize_triton(packed, state)
 
 
 @needs_triton
@@ -94,4 +94,4 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     packed, state = nf4.quantize_nf4(torch.randn(64))
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        dequantize_nf4_triton(packed, state)
+        dequantize_triton(packed, state)

@@ -18,14 +18,15 @@ import functools
 
 import pytest
 import torch
-from peft import PrefixTuningConfig as PeftPrefix
-from peft import PromptEncoderConfig as PeftPromptEncoder
+from peft import PeftModel
 from peft import PromptTuningConfig as PeftPromptTuning
 from peft import get_peft_model
 
 from peft_from_scratch import core
 from peft_from_scratch.models import SMOLLM2, tiny_bert, tiny_llama
-from peft_from_scratch.prompts import (PrefixTuningConfig, PromptTuningConfig, PTuningConfig, fold_prefix)
+from peft_from_scratch.additive import (PrefixTuningConfig, PromptTuningConfig, PTuningConfig, fold_prefix,
+                                       prompt_tuning)
+from peft_from_scratch.interop import peft as pio
 
 RTOL, ATOL = 1e-5, 1e-6
 STEPS, LR = 5, 1e-2
@@ -56,45 +57,29 @@ def smollm2():
     return model.eval()
 
 
-def pairs(n=4, hidden=None):
-    """(our config, peft's config) for the four set-ups we compare."""
+def configs(n=4, hidden=None):
+    """Our configs for the four set-ups we compare with peft (``interop.peft.peft_config`` makes peft's)."""
     return {
-        "prefix": (PrefixTuningConfig(num_virtual_tokens=n),
-                   PeftPrefix(task_type="CAUSAL_LM", num_virtual_tokens=n)),
-        "prefix-projection": (PrefixTuningConfig(num_virtual_tokens=n, prefix_projection=True, encoder_hidden_size=hidden),
-                              PeftPrefix(task_type="CAUSAL_LM", num_virtual_tokens=n, prefix_projection=True,
-                                         encoder_hidden_size=hidden)),
-        "prompt": (PromptTuningConfig(num_virtual_tokens=n),
-                   PeftPromptTuning(task_type="CAUSAL_LM", num_virtual_tokens=n)),
-        "p-tuning-lstm": (PTuningConfig(num_virtual_tokens=n, encoder="lstm", encoder_hidden_size=hidden),
-                          PeftPromptEncoder(task_type="CAUSAL_LM", num_virtual_tokens=n,
-                                            encoder_reparameterization_type="LSTM", encoder_hidden_size=hidden)),
+        "prefix": PrefixTuningConfig(num_virtual_tokens=n),
+        "prefix-projection": PrefixTuningConfig(num_virtual_tokens=n, prefix_projection=True, encoder_hidden_size=hidden),
+        "prompt": PromptTuningConfig(num_virtual_tokens=n),
+        "p-tuning-lstm": PTuningConfig(num_virtual_tokens=n, encoder="lstm", encoder_hidden_size=hidden),
     }
 
 
-def peft_key(our_key: str) -> str:
-    return our_key.replace("prompt_encoder.", "prompt_encoder.default.", 1)
+def make_pair(base, config, seed=1):
+    """``interop.peft.twin`` with "trained" values: every prompt tensor drawn from N(0, 0.1^2)."""
+    def perturb(model):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.prompt_encoder.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ours, theirs, pairs = pio.twin(base, config, perturb=perturb)
+    return ours, theirs, pairs
 
 
-def make_pair(base, config, peft_config, seed=1):
-    ours = core.add_adapter(copy.deepcopy(base), config)
-    theirs = get_peft_model(copy.deepcopy(base), peft_config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():   # "trained" values, shared by both
-        for p in core.adapter_state_dict(ours).keys():
-            param = ours.get_parameter(p)
-            param.copy_(torch.randn(param.shape, generator=g) * 0.1)
-    result = theirs.load_state_dict({peft_key(k): v for k, v in core.adapter_state_dict(ours).items()}, strict=False)
-    assert not result.unexpected_keys
-    return ours.eval(), theirs.eval()
-
-
-def compare(ours, theirs, data):
+def compare(ours, theirs, pairs, data):
     """Asserts equality within the tolerance; returns the largest relative differences seen."""
-    mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
-    other = dict(theirs.named_parameters())
-    other = {n: other[peft_key(n)] for n in mine}
-    assert {id(p) for p in other.values()} == {id(p) for p in theirs.parameters() if p.requires_grad}
     diffs = {"logits": 0.0, "grads": 0.0, "params": 0.0}
 
     def check(a, b, what):
@@ -102,6 +87,8 @@ def compare(ours, theirs, data):
         diffs[what.split()[0]] = max(diffs[what.split()[0]], (a - b).abs().max().item() / scale)
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL * max(scale, 1.0), msg=lambda m: f"{what}: {m}")
 
+    mine = {k: a for k, (a, _) in pairs.items()}
+    other = {k: b for k, (_, b) in pairs.items()}
     opt_a, opt_b = torch.optim.AdamW(mine.values(), lr=LR), torch.optim.AdamW(other.values(), lr=LR)
     for step in range(STEPS):
         a, b = ours(**data[step % len(data)]), theirs(**data[step % len(data)])
@@ -125,19 +112,19 @@ def greedy(model, x, n=6):
 
 # ----------------------------------------------------------------------------- against peft
 
-@pytest.mark.parametrize("name", list(pairs()))
+@pytest.mark.parametrize("name", list(configs()))
 def test_matches_peft_on_tiny_llama(name):
-    ours, theirs = make_pair(tiny_llama(), *pairs(hidden=24)[name])
-    print(name, compare(ours, theirs, batches(STEPS)))
+    ours, theirs, pairs = make_pair(tiny_llama(), configs(hidden=24)[name])
+    print(name, compare(ours, theirs, pairs, batches(STEPS)))
     x = tokens(9, shape=(1, 7))
     assert torch.equal(greedy(ours, x), greedy(theirs, x))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(pairs()))
+@pytest.mark.parametrize("name", list(configs()))
 def test_matches_peft_on_smollm2(name):
-    ours, theirs = make_pair(smollm2(), *pairs(n=3, hidden=32)[name])
-    print(name, compare(ours, theirs, batches(STEPS, vocab=49152, shape=(1, 6))))
+    ours, theirs, pairs = make_pair(smollm2(), configs(n=3, hidden=32)[name])
+    print(name, compare(ours, theirs, pairs, batches(STEPS, vocab=49152, shape=(1, 6))))
     x = tokens(9, vocab=49152, shape=(1, 5))
     assert torch.equal(greedy(ours, x, 3), greedy(theirs, x, 3))
 
@@ -183,8 +170,7 @@ def test_text_and_label_inits(monkeypatch):
     class Tok:   # a stand-in tokenizer: one id per character
         def __call__(self, text, add_special_tokens=True):
             return {"input_ids": [ord(c) % 128 for c in text]}
-    import peft_from_scratch.prompts as prompts
-    monkeypatch.setattr(prompts, "_load_tokenizer", lambda name: Tok())
+    monkeypatch.setattr(prompt_tuning, "load_tokenizer", lambda name: Tok())
     model = tiny_llama()
     words = model.get_input_embeddings().weight.detach()
     core.add_adapter(model, PromptTuningConfig(num_virtual_tokens=5, init="text", init_text="ab",
@@ -234,27 +220,27 @@ def test_fold_prefix_keeps_outputs_and_drops_the_mlp(tmp_path):
     torch.testing.assert_close(fresh(input_ids=x).logits, before, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("config", [PromptTuningConfig(num_virtual_tokens=3), PTuningConfig(num_virtual_tokens=3),
-                                    PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True)],
-                         ids=["prompt", "p-tuning", "prefix"])
-def test_save_load_remove_round_trip(tmp_path, config):
+@pytest.mark.parametrize("name", list(configs()))
+def test_peft_files_both_ways(tmp_path, name):
+    """Ours saved in peft's format loads with PeftModel.from_pretrained, peft's loads into ours, and
+    both compute the same logits; peft's file holds the prompt the encoder computes, so P-tuning
+    comes back as prompt tuning and a projected prefix comes back folded."""
     base = tiny_llama()
+    ours, theirs, _ = make_pair(base, configs(hidden=24)[name])
     x = tokens()
-    plain = base(input_ids=x).logits
-    model = core.add_adapter(copy.deepcopy(base), config)
+    pio.save_peft_adapter(ours, tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "peft")
+    in_peft = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    in_ours = pio.load_peft_adapter(copy.deepcopy(base), tmp_path / "peft").eval()
     with torch.no_grad():
-        for p in model.prompt_encoder.parameters():
-            p.add_(0.1)
-    out = model(input_ids=x).logits
-    core.save_adapter(model, tmp_path)
-    fresh = core.load_adapter(copy.deepcopy(base), tmp_path)
-    torch.testing.assert_close(fresh(input_ids=x).logits, out, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="another base model"):
-        core.load_adapter(tiny_llama(seed=5), tmp_path)
-    core.remove_adapter(fresh)
-    assert not hasattr(fresh, "prompt_encoder")
-    torch.testing.assert_close(fresh(input_ids=x).logits, plain, rtol=0, atol=0)
-    assert all(p.requires_grad for p in fresh.parameters())
+        ref = ours(input_ids=x).logits
+        torch.testing.assert_close(in_peft(input_ids=x).logits, ref, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(in_ours(input_ids=x).logits, theirs(input_ids=x).logits, rtol=RTOL, atol=ATOL)
+    assert in_ours.adapter_config.method == ("prefix_tuning" if name.startswith("prefix") else "prompt_tuning")
+    with pytest.raises(ValueError, match="another base model"):        # our file names its base
+        pio.load_peft_adapter(tiny_llama(seed=5), tmp_path / "ours")
+    with pytest.raises(ValueError, match="virtual tokens on this model need"):
+        pio.load_peft_adapter(tiny_llama(hidden_size=32), tmp_path / "peft")
 
 
 # ----------------------------------------------------------------------------- errors

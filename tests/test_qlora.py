@@ -29,11 +29,12 @@ bnb = pytest.importorskip("bitsandbytes")
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
-from peft_from_scratch import core, models, nf4  # noqa: E402
-from peft_from_scratch.lora import LoRAConfig  # noqa: E402
-from peft_from_scratch.qlora import (PagedAdamW, is_checkpointing, make_paged_adamw,  # noqa: E402
-                                     optimizer_state_bytes, peft_style_parameter_count, prepare_qlora)
-from peft_from_scratch.train import TrainConfig, make_adamw, train  # noqa: E402
+from peft_from_scratch import core, models  # noqa: E402
+from peft_from_scratch.quantized import linear4bit  # noqa: E402
+from peft_from_scratch.reparameterized.lora import LoRAConfig  # noqa: E402
+from peft_from_scratch.optim import PagedAdamW, make_paged_adamw, optimizer_state_bytes  # noqa: E402
+from peft_from_scratch.quantized.qlora import is_checkpointing, peft_style_parameter_count, prepare_qlora  # noqa: E402
+from peft_from_scratch.training import TrainConfig, make_adamw, train  # noqa: E402
 
 R, ALPHA, STEPS, LR = 8, 16, 3, 1e-3
 LOGITS_ATOL = 1e-4      # logits of size ~35; float32 rounding of another summation order is ~1e-5
@@ -66,10 +67,10 @@ def smollm2_pair(one_thread):
     peft_modules, pairs = dict(theirs.named_modules()), []
     with torch.no_grad():
         for name, layer in core.adapter_layers(ours).items():
-            layer.B.copy_(torch.randn(layer.B.shape, generator=g) * 0.02)
+            layer.lora.B.copy_(torch.randn(layer.lora.B.shape, generator=g) * 0.02)
             peft_layer = peft_modules["base_model.model." + name]
-            for mine, their in ((layer.A, peft_layer.lora_A["default"].weight),
-                                (layer.B, peft_layer.lora_B["default"].weight)):
+            for mine, their in ((layer.lora.A, peft_layer.lora_A["default"].weight),
+                                (layer.lora.B, peft_layer.lora_B["default"].weight)):
                 their.copy_(mine)
                 pairs.append((mine, their))
     ours.train()
@@ -88,7 +89,7 @@ def bnb_layers(peft_model):
 
 def assert_same_quantized_weights(ours, theirs):
     layers = bnb_layers(theirs)
-    mine = {n.removesuffix(".base_layer"): m for n, m in ours.named_modules() if isinstance(m, nf4.Linear4bit)}
+    mine = {n.removesuffix(".base_layer"): m for n, m in ours.named_modules() if isinstance(m, linear4bit.Linear4bit)}
     assert set(mine) == {n.removesuffix(".base_layer") for n in layers} and len(mine) == 30 * 7
     for name, theirs_layer in layers.items():
         m, w = mine[name.removesuffix(".base_layer")], theirs_layer.weight
@@ -107,7 +108,7 @@ def assert_same_quantized_weights(ours, theirs):
 def test_same_quantized_weights_as_bitsandbytes(smollm2_pair):
     ours, theirs, _ = smollm2_pair
     assert_same_quantized_weights(ours, theirs)
-    assert nf4.quantized_nbytes(ours) == sum(
+    assert linear4bit.model_nbytes(ours) == sum(
         w.weight.data.numel() + w.weight.quant_state.absmax.numel()
         + 4 * (w.weight.quant_state.state2.absmax.numel() + 1) for w in bnb_layers(theirs).values())
 
@@ -118,7 +119,7 @@ def test_same_trainable_parameters_as_peft(smollm2_pair):
     trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith((".A", ".B")) for n in trainable)
     assert len(trainable) == 2 * 30 * 7                         # 7 linear layers x 30 blocks, not lm_head
-    assert not isinstance(ours.lm_head, nf4.Linear4bit) and is_checkpointing(ours)
+    assert not isinstance(ours.lm_head, linear4bit.Linear4bit) and is_checkpointing(ours)
 
 
 def test_same_logits_as_bitsandbytes_and_peft(smollm2_pair):
@@ -231,14 +232,14 @@ def tiny_qlora(gradient_checkpointing=True, seed=0):
     prepare_qlora(model, LoRAConfig(r=4, alpha=8), gradient_checkpointing=gradient_checkpointing)
     with torch.no_grad():
         for layer in core.adapter_layers(model).values():
-            layer.B.copy_(torch.randn(layer.B.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+            layer.lora.B.copy_(torch.randn(layer.lora.B.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
     return model
 
 
 def test_prepare_qlora_quantizes_all_linear_and_freezes_the_rest():
     model = tiny_qlora()
     layers = core.adapter_layers(model)
-    assert len(layers) == 2 * 7 and all(isinstance(l.base_layer, nf4.Linear4bit) for l in layers.values())
+    assert len(layers) == 2 * 7 and all(isinstance(l.base_layer, linear4bit.Linear4bit) for l in layers.values())
     assert all(l.base_layer.absmax2 is not None and l.base_layer.blocksize == 64 for l in layers.values())
     assert type(model.lm_head) is nn.Linear and not model.lm_head.weight.requires_grad
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -270,7 +271,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
                       use_reentrant=use_reentrant)
         with torch.no_grad():
             for layer in core.adapter_layers(model).values():
-                layer.B.copy_(torch.randn(layer.B.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+                layer.lora.B.copy_(torch.randn(layer.lora.B.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
         assert is_checkpointing(model) == checkpointing
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
@@ -283,7 +284,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
 # ----------------------------------------------------------------------------- errors
 
 def test_an_already_quantized_model_is_refused():
-    model = nf4.quantize_model(models.tiny_llama(hidden_size=64))
+    model = linear4bit.quantize_model(models.tiny_llama(hidden_size=64))
     with pytest.raises(ValueError, match="already quantized"):
         prepare_qlora(model)
     assert core.adapter_layers(model) == {}
@@ -300,7 +301,7 @@ def test_a_model_with_an_adapter_is_refused():
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(RuntimeError, match="already has a lora adapter.*remove_adapter"):
         prepare_qlora(model)
-    assert not any(isinstance(m, nf4.Linear4bit) for m in model.modules())
+    assert not any(isinstance(m, linear4bit.Linear4bit) for m in model.modules())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     with pytest.raises(RuntimeError, match="already has a lora adapter"):   # twice is the same mistake
         prepare_qlora(tiny_qlora())
@@ -313,7 +314,7 @@ def test_a_lora_config_that_does_not_fit_leaves_the_model_float():
         prepare_qlora(model, LoRAConfig(r=1000))
     with pytest.raises(ValueError, match="blocksize=48"):
         prepare_qlora(model, blocksize=48)
-    assert not any(isinstance(m, nf4.Linear4bit) for m in model.modules()) and core.adapter_layers(model) == {}
+    assert not any(isinstance(m, linear4bit.Linear4bit) for m in model.modules()) and core.adapter_layers(model) == {}
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
@@ -322,4 +323,4 @@ def test_gradient_checkpointing_needs_a_model_that_supports_it():
     with pytest.raises(ValueError, match="gradient_checkpointing=False"):
         prepare_qlora(model)
     prepare_qlora(model, LoRAConfig(r=2, target_modules=["0", "2"]), gradient_checkpointing=False)
-    assert isinstance(model[0].base_layer, nf4.Linear4bit)
+    assert isinstance(model[0].base_layer, linear4bit.Linear4bit)

@@ -16,12 +16,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peft_from_scratch import core, nf4, rosa
+from peft_from_scratch import core
+from peft_from_scratch.blocks import masks
+from peft_from_scratch.interop import peft as pio
+from peft_from_scratch.quantized import quantize_model
+from peft_from_scratch.reparameterized import rosa
 from peft_from_scratch.equivalence import Diff
 from peft_from_scratch.kernels import sparse as sp
-from peft_from_scratch.lora import LoRAConfig
+from peft_from_scratch.reparameterized.lora import LoRAConfig
 from peft_from_scratch.models import tiny_llama
-from peft_from_scratch.rosa import RoSAConfig, RoSALinear
+from peft_from_scratch.reparameterized.rosa import RoSAConfig, RoSALinear
 from tests.helpers import ATOL, RTOL, batches, compare_with_peft, make_pair, one_thread, tokens  # noqa: F401
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -45,7 +49,7 @@ def trained_rosa(model, seed=1, b_std=0.05, v_std=0.02):
                 layer.values.copy_(torch.randn(layer.k, generator=g) * v_std)
         if layer.r:
             with torch.no_grad():
-                layer.B.copy_(torch.randn(layer.B.shape, generator=g) * b_std)
+                layer.lora.B.copy_(torch.randn(layer.lora.B.shape, generator=g) * b_std)
     return model
 
 
@@ -70,7 +74,7 @@ def test_without_sparse_part_equals_our_lora():
     lora = core.add_adapter(copy.deepcopy(base), LoRAConfig(r=4, alpha=8, use_rslora=True, target_modules=LLAMA_ALL))
     torch.manual_seed(3)
     for layer in core.adapter_layers(ours).values():
-        layer.B.data.normal_(std=0.05)
+        layer.lora.B.data.normal_(std=0.05)
     assert core.adapter_state_dict(ours).keys() == core.adapter_state_dict(lora).keys()
     lora.load_state_dict(core.adapter_state_dict(ours), strict=False)
     batch = batches(1)[0]
@@ -98,7 +102,7 @@ def test_sparse_only_equals_peft_shira():
     g = torch.Generator().manual_seed(0)
     for layer in layers.values():
         layer.values.data.copy_(torch.randn(layer.k, generator=g) * 0.05)
-    theirs, pairs = rosa.peft_shira_twin(ours, base)
+    theirs, pairs = pio.shira_twin(ours, base)
     assert {id(q) for _, q in pairs.values()} == {id(p) for p in theirs.parameters() if p.requires_grad}
     ours.eval(), theirs.eval()
 
@@ -126,10 +130,10 @@ def test_sparse_only_equals_peft_shira():
 def test_shira_twin_refuses_what_shira_cannot_express():
     base = tiny_llama()
     with pytest.raises(ValueError, match="no low-rank part"):
-        rosa.peft_shira_twin(rosa_model(copy.deepcopy(base)), base)
+        pio.shira_twin(rosa_model(copy.deepcopy(base)), base)
     uneven = rosa_model(copy.deepcopy(base), r=0, d=0.05)
     with pytest.raises(ValueError, match="multiple of m \\+ n"):
-        rosa.peft_shira_twin(uneven, base)
+        pio.shira_twin(uneven, base)
     with pytest.raises(ValueError, match="more than a dense update"):
         rosa.lora_budget_density(base, LLAMA_ALL, 40)
 
@@ -139,7 +143,7 @@ def test_shira_twin_refuses_what_shira_cannot_express():
 def dense_forward(layer: RoSALinear, x):
     """y = (W0 + s B A + S) x + b with S scattered from the values (autograd through the scatter)."""
     S = torch.zeros(layer.shape).index_put((layer.row_indices.long(), layer.col_indices.long()), layer.values)
-    W = layer.base_layer.weight + layer.scaling * layer.B @ layer.A + S
+    W = layer.base_layer.weight + layer.lora.scaling * layer.lora.B @ layer.lora.A + S
     return F.linear(x, W, layer.base_layer.bias)
 
 
@@ -148,16 +152,16 @@ def test_forward_and_all_gradients_equal_the_dense_formula():
     layer = RoSALinear(nn.Linear(48, 40), r=4, alpha=8, d=0.1)
     layer.set_mask(random_mask((40, 48), layer.k))
     with torch.no_grad():
-        layer.B.normal_(std=0.1), layer.values.normal_(std=0.1)
+        layer.lora.B.normal_(std=0.1), layer.values.normal_(std=0.1)
     x = torch.randn(3, 5, 48, requires_grad=True)
     g = torch.randn(3, 5, 40)
     grads = []
     for fn in (layer, lambda x: dense_forward(layer, x)):
-        for p in (x, layer.A, layer.B, layer.values):
+        for p in (x, layer.lora.A, layer.lora.B, layer.values):
             p.grad = None
         y = fn(x)
         (y * g).sum().backward()
-        grads.append([y.detach()] + [p.grad.clone() for p in (x, layer.A, layer.B, layer.values)])
+        grads.append([y.detach()] + [p.grad.clone() for p in (x, layer.lora.A, layer.lora.B, layer.values)])
     for what, a, b in zip(["y", "x", "A", "B", "values"], *grads):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL * max(1, b.abs().max().item()), msg=what)
 
@@ -170,12 +174,12 @@ def test_sparse_part_is_inactive_until_a_mask_is_set_and_starts_at_zero():
     layer = model.model.layers[0].self_attn.q_proj
     assert not layer.has_mask and not layer.mask().any()
     model(input_ids=x, labels=x).loss.backward()
-    assert layer.values.grad is None and layer.B.grad.abs().max() > 0   # LoRA alone (A.grad = 0: B = 0)
+    assert layer.values.grad is None and layer.lora.B.grad.abs().max() > 0   # LoRA alone (A.grad = 0: B = 0)
     layer.set_mask(random_mask(layer.shape, layer.k))
     assert layer.has_mask and layer.mask().sum() == layer.k and not layer.values.any()
     torch.testing.assert_close(model(x).logits, ref, rtol=0, atol=0)     # B = 0, S = 0: the base model
     trainable, _ = core.count_parameters(model)
-    assert trainable == sum(l.A.numel() + l.B.numel() + l.k for l in rosa.rosa_layers(model).values())
+    assert trainable == sum(l.lora.A.numel() + l.lora.B.numel() + l.k for l in rosa.rosa_layers(model).values())
 
 
 def test_dropout_acts_on_the_lora_branch_only():
@@ -243,16 +247,16 @@ def test_fisher_collection_without_a_low_rank_part():
 
 def test_ties_are_broken_by_position():
     scores = torch.tensor([[1.0, 3.0, 3.0], [3.0, 0.5, 3.0]])
-    assert rosa.top_k_mask(scores, 2).tolist() == [[False, True, True], [False, False, False]]
-    assert rosa.top_k_mask(scores, 4).tolist() == [[False, True, True], [True, False, True]]
-    assert rosa.top_k_mask(torch.ones(2, 3), 4).flatten().tolist() == [True] * 4 + [False] * 2
-    assert not rosa.top_k_mask(scores, 0).any() and rosa.top_k_mask(scores, 6).all()
+    assert masks.top_k_mask(scores, 2).tolist() == [[False, True, True], [False, False, False]]
+    assert masks.top_k_mask(scores, 4).tolist() == [[False, True, True], [True, False, True]]
+    assert masks.top_k_mask(torch.ones(2, 3), 4).flatten().tolist() == [True] * 4 + [False] * 2
+    assert not masks.top_k_mask(scores, 0).any() and masks.top_k_mask(scores, 6).all()
     with pytest.raises(ValueError, match="NaN or inf"):
-        rosa.top_k_mask(torch.tensor([1.0, float("nan")]), 1)
+        masks.top_k_mask(torch.tensor([1.0, float("nan")]), 1)
 
 
 def test_the_schedule_warms_up_chooses_restarts_and_trains():
-    from peft_from_scratch.train import TrainConfig, train
+    from peft_from_scratch.training import TrainConfig, train
     model = tiny_llama()
     config = RoSAConfig(r=4, alpha=8, d=0.02, target_modules=LLAMA_ALL, lr_lora=2e-3, lr_sparse=5e-4)
     loader = batches(4)
@@ -260,17 +264,17 @@ def test_the_schedule_warms_up_chooses_restarts_and_trains():
     seen = {}
 
     def warmup_fn(m):
-        seen["A0"] = {n: l.A.detach().clone() for n, l in rosa.rosa_layers(m).items()}
+        seen["A0"] = {n: l.lora.A.detach().clone() for n, l in rosa.rosa_layers(m).items()}
         history = train(m, loader, cfg, params=rosa.param_groups(m), progress=False)
         layers = rosa.rosa_layers(m)
         assert all(not l.has_mask and not l.values.any() for l in layers.values())   # LoRA alone
-        assert any(l.B.abs().max() > 0 for l in layers.values())
+        assert any(l.lora.B.abs().max() > 0 for l in layers.values())
         return history
 
     def train_fn(m):
         layers = rosa.rosa_layers(m)
         for n, l in layers.items():                     # the restart: S = 0 on the new mask, LoRA as at init
-            assert l.has_mask and not l.values.any() and not l.B.any() and torch.equal(l.A, seen["A0"][n])
+            assert l.has_mask and not l.values.any() and not l.lora.B.any() and torch.equal(l.lora.A, seen["A0"][n])
         groups = rosa.param_groups(m)
         assert [g.get("lr") for g in groups] == [2e-3, 5e-4]
         history = train(m, loader, cfg, params=groups, progress=False)
@@ -286,34 +290,27 @@ def test_the_schedule_warms_up_chooses_restarts_and_trains():
 
 # ----------------------------------------------------------------------------- merge, save, load
 
-def test_merge_then_unmerge_returns_the_base_weights():
+# (merge/unmerge and the save/load round trip are the contract test's; here what is RoSA's own.)
+
+def test_the_merged_weight_is_w0_plus_sba_plus_s():
     base = tiny_llama()
     model = rosa_model(copy.deepcopy(base))
-    x = tokens()
-    unmerged = model(x).logits
     core.merge_adapter(model)
     for name, layer in rosa.rosa_layers(model).items():
-        expected = base.get_submodule(name).weight + layer.scaling * layer.B @ layer.A + layer.sparse_weight()
+        expected = base.get_submodule(name).weight + layer.lora.scaling * layer.lora.B @ layer.lora.A + layer.sparse_weight()
         torch.testing.assert_close(layer.base_layer.weight, expected, rtol=0, atol=1e-6)
-    torch.testing.assert_close(model(x).logits, unmerged, rtol=RTOL, atol=1e-5)
-    core.unmerge_adapter(model)
-    for name, layer in rosa.rosa_layers(model).items():
-        torch.testing.assert_close(layer.base_layer.weight, base.get_submodule(name).weight, rtol=0, atol=1e-6)
-    torch.testing.assert_close(model(x).logits, unmerged, rtol=0, atol=1e-5)
 
 
-def test_save_load_round_trip(tmp_path):
+def test_loading_saves_the_mask_and_rebuilds_what_the_backward_needs(tmp_path):
     model = rosa_model(r=2, d=0.03, density_pattern={"down_proj": 0.01})
     batch = batches(1)[0]
     core.save_adapter(model, tmp_path)
     saved = load_file(tmp_path / "adapter.safetensors")
     assert {k.rsplit(".", 1)[1] for k in saved} == {"A", "B", "values", "crow_indices", "col_indices"}
     fresh = core.load_adapter(tiny_llama(), tmp_path)
-    assert fresh.adapter_config.to_dict() == model.adapter_config.to_dict()
     for name, layer in rosa.rosa_layers(fresh).items():
         assert layer.has_mask and torch.equal(layer.mask(), rosa.rosa_layers(model)[name].mask())
     a, b = model(**batch), fresh(**batch)
-    assert torch.equal(a.logits, b.logits)
     a.loss.backward(), b.loss.backward()                  # the caches of the backward were rebuilt on load
     for (n, p), (_, q) in zip(core.adapter_layers(model).items(), core.adapter_layers(fresh).items()):
         assert torch.equal(p.values.grad, q.values.grad), n
@@ -356,13 +353,13 @@ def test_loading_a_mask_of_another_shape_fails(tmp_path):
 # ----------------------------------------------------------------------------- QRoSA
 
 def test_qrosa_on_an_nf4_base_equals_rosa_on_the_dequantized_base():
-    quantized = nf4.quantize_model(tiny_llama())
+    quantized = quantize_model(tiny_llama())
     dequantized = copy.deepcopy(quantized)
     for name in core.find_targets(dequantized, "all-linear"):
         q = dequantized.get_submodule(name)
         linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
         linear.weight.data.copy_(q.dequantize())
-        core._set_module(dequantized, name, linear)
+        core.set_module(dequantized, name, linear)
     config = RoSAConfig(r=2, d=0.05, target_modules=LLAMA_ALL)
     ours = trained_rosa(core.add_adapter(quantized, config))
     ref = core.add_adapter(dequantized, config)
@@ -379,8 +376,18 @@ def test_qrosa_on_an_nf4_base_equals_rosa_on_the_dequantized_base():
     fa, fb = rosa.accumulate_fisher(ours, [batch]), rosa.accumulate_fisher(ref, [batch])
     for n in fa:                                        # the mask needs no float W0
         torch.testing.assert_close(fa[n], fb[n], rtol=1e-4, atol=1e-12)
-    with pytest.raises(NotImplementedError, match="4-bit"):
+    with pytest.raises(NotImplementedError, match="quantized"):
         core.merge_adapter(ours)
+
+
+def test_lora_budget_density_on_a_4bit_base():
+    """It read weight.shape, which a 4-bit layer packs (n/2 x 1): the density came out wrong or failed."""
+    quantized = quantize_model(tiny_llama())
+    density = rosa.lora_budget_density(quantized, LLAMA_ALL, r=2)
+    assert density == rosa.lora_budget_density(tiny_llama(), LLAMA_ALL, r=2)
+    model = core.add_adapter(quantized, RoSAConfig(r=0, d=0, density_pattern=density, target_modules=LLAMA_ALL))
+    for name, layer in rosa.rosa_layers(model).items():
+        assert layer.k == 2 * sum(layer.shape)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -422,7 +429,7 @@ def test_errors_for_masks():
     with pytest.raises(ValueError, match="no sparse part"):
         rosa.rosa_layers(lora_only)["model.layers.0.self_attn.q_proj"].set_mask(torch.ones(64, 64))
     with pytest.raises(ValueError, match="no RoSA layers"):
-        rosa.FisherCollector(tiny_llama())
+        rosa.accumulate_fisher(tiny_llama(), [])
 
 
 def test_csr_helpers():

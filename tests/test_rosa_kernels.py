@@ -19,11 +19,11 @@ import pytest  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 
-from peft_from_scratch import rosa  # noqa: E402
-from peft_from_scratch.kernels import nf4_dequant, sparse as sp  # noqa: E402
+from peft_from_scratch.reparameterized import rosa  # noqa: E402
+from peft_from_scratch.kernels import sparse as sp, triton as kt  # noqa: E402
 from tests.helpers import RTOL, ATOL, one_thread  # noqa: E402,F401
 
-needs_triton = pytest.mark.skipif(not sp.triton_available(), reason="triton is not installed")
+needs_triton = pytest.mark.skipif(not kt.triton_available(), reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -100,17 +100,17 @@ def test_rosa_layer_trains_the_same_with_triton_and_with_pytorch():
     layer = rosa.RoSALinear(nn.Linear(40, 24), r=2, alpha=4, d=0.1).to(DEVICE)
     layer.set_mask(_mask(24, 40, layer.k))
     with torch.no_grad():
-        layer.values.normal_(std=0.1), layer.B.normal_(std=0.1)
+        layer.values.normal_(std=0.1), layer.lora.B.normal_(std=0.1)
     x = torch.randn(3, 7, 40, device=DEVICE, requires_grad=True)
     upstream = torch.randn(3, 7, 24, device=DEVICE)
     results = []
     for use_triton in (True, False):
         layer.use_triton = use_triton
-        for p in (x, layer.values, layer.A, layer.B):
+        for p in (x, layer.values, layer.lora.A, layer.lora.B):
             p.grad = None
         y = layer(x)
         (y * upstream).sum().backward()
-        results.append([y.detach(), x.grad.clone(), layer.values.grad.clone(), layer.A.grad.clone()])
+        results.append([y.detach(), x.grad.clone(), layer.values.grad.clone(), layer.lora.A.grad.clone()])
     for what, a, b in zip(["y", "grad x", "grad values", "grad A"], *results):
         close(a, b, what)
 
@@ -126,7 +126,7 @@ def test_the_environment_variable_selects_triton(monkeypatch):
     layer = rosa.RoSALinear(nn.Linear(8, 8), r=0, alpha=1, d=0.5)
     x = torch.randn(2, 8)
     monkeypatch.delenv(rosa.TRITON_ENV, raising=False)
-    assert layer._triton(x) == (x.is_cuda and sp.triton_available())
+    assert layer._triton(x) == (x.is_cuda and kt.triton_available())
     monkeypatch.setenv(rosa.TRITON_ENV, "1")
     assert layer._triton(x)
     layer.use_triton = False                             # an explicit choice wins
@@ -134,7 +134,7 @@ def test_the_environment_variable_selects_triton(monkeypatch):
 
 
 def test_a_missing_triton_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(nf4_dequant, "triton_available", lambda: False)   # the one check both kernels share
+    monkeypatch.setattr(kt, "triton_available", lambda: False)   # the one check both kernels share
     crow, col, values, x, _ = problem(4, 4, 2, 0.5, seed=0)
     with pytest.raises(ImportError, match="pip install triton"):
         sp.spmm_triton(x, values, crow, col, (4, 4))

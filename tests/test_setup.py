@@ -47,3 +47,11 @@ def test_readme_shows_exactly_two_commands_and_ci_runs_the_test_one():
     assert commands == ["make notebooks", "make test"]
     ci = [l for l in (REPO / ".ci/run").read_text().splitlines() if l.strip() and not l.startswith(("#", "set ", "cd "))]
     assert ci == ["make test"]
+
+
+def test_the_wheel_lists_every_subpackage():
+    """A non-editable install packages what setuptools finds; every folder of the package must be there."""
+    import setuptools
+    found = set(setuptools.find_packages(str(REPO), include=["peft_from_scratch*"]))
+    folders = {".".join(p.relative_to(REPO).parts[:-1]) for p in (REPO / "peft_from_scratch").rglob("__init__.py")}
+    assert folders and folders == found

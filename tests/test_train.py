@@ -1,4 +1,4 @@
-"""Tests for peft_from_scratch.train: schedule, determinism, accumulation, clipping, freezing, eval, peft."""
+"""Tests for peft_from_scratch.training: schedule, determinism, accumulation, clipping, freezing, eval, peft."""
 import json
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from peft_from_scratch.train import History, TrainConfig, evaluate_loss, lr_multiplier, make_adamw, train
+from peft_from_scratch.training import History, TrainConfig, evaluate_loss, lr_multiplier, make_adamw, train
 
 VOCAB, SEQ = 64, 16
 

@@ -1,6 +1,6 @@
 """Triton kernel: 4-bit (NF4 / FP4 / Int4) dequantization with double-quantized block constants.
 
-The reference is ``peft_from_scratch.nf4.dequantize_4bit``; this kernel computes the same numbers in
+The reference is ``peft_from_scratch.quantized.nf4.dequantize_4bit``; this kernel computes the same numbers in
 one pass (QLoRA's doubleDequant, paper eq. 6):
 
     c_b  = code2[absmax[b]] * absmax2[b // blocksize2] + offset     # the block's float32 constant
@@ -27,36 +27,12 @@ interpreter then refuses to call them.
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 
-from .. import nf4
+from .triton import require_triton
 
 BYTES = 1024   # packed bytes per program: 2048 output values
-
-
-def triton_available() -> bool:
-    """True if Triton is installed (it may still lack a GPU; see ``_interpreting``)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def require_triton(t: torch.Tensor, what: str, fallback: str) -> bool:
-    """Raise unless ``what`` can run on ``t``: Triton installed, and ``t`` on CUDA or the interpreter on.
-    Returns whether the interpreter runs it. ``fallback`` names the PyTorch path that needs nothing."""
-    if not triton_available():
-        raise ImportError(f"{what} needs Triton (pip install triton; it runs on CUDA GPUs, or on CPU with "
-                          f"TRITON_INTERPRET=1). The PyTorch path {fallback} needs nothing.")
-    interpret = _interpreting()
-    if not t.is_cuda and not interpret:
-        raise RuntimeError(f"{what} runs on CUDA tensors, got a tensor on {t.device}; to run it on the CPU "
-                           "(slowly, for testing) set TRITON_INTERPRET=1 before the first call")
-    return interpret
 
 
 @functools.cache
@@ -95,26 +71,33 @@ def _kernel(interpret: bool):
     return dequant_4bit_kernel
 
 
-def dequantize_nf4_triton(packed: torch.Tensor, state: nf4.QuantState) -> torch.Tensor:
-    """``nf4.dequantize_4bit(packed, state)`` as one Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1).
+def dequantize_4bit_triton(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape, dtype: torch.dtype,
+                           blocksize: int, absmax2: torch.Tensor | None = None, code2: torch.Tensor | None = None,
+                           offset: torch.Tensor | None = None, blocksize2: int | None = None) -> torch.Tensor:
+    """The 4-bit weight of ``shape`` in ``dtype``, from its packed codes and block constants, in one kernel.
+
+    Plain tensors in, as ``quantized.nf4.dequantize_4bit`` takes them from a ``QuantState``:
+    ``packed`` (uint8, two codes per byte, high nibble first), ``absmax`` (float32 per block, or uint8
+    indices into ``code2`` when double-quantized, with ``absmax2`` per ``blocksize2`` blocks and the
+    scalar ``offset``), ``code`` (the 16 code values). The caller checks that they belong together.
+    Runs on CUDA, or on CPU under TRITON_INTERPRET=1.
 
     Raises:
         ImportError: Triton is not installed.
         RuntimeError: the tensors are on the CPU and TRITON_INTERPRET=1 is not set.
-        ValueError: ``packed`` and ``state`` do not belong together (as ``nf4.check_state``).
     """
-    interpret = require_triton(packed, "dequantize_nf4_triton", "nf4.dequantize_4bit")
-    nf4.check_state(packed, state, fingerprint=False)
-    state = state.to(packed.device)
-    out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
-    n, n_bytes = state.numel, packed.numel()
-    nested = state.nested
-    absmax2 = state.absmax2 if nested else state.absmax   # unused placeholders when not nested
-    code2 = state.code2 if nested else state.code
-    offset = state.offset.reshape(1) if nested else state.absmax
+    interpret = require_triton(packed, "dequantize_4bit_triton", "quantized.nf4.dequantize_4bit")
+    device = packed.device
+    out = torch.empty(tuple(shape), dtype=dtype, device=device)
+    n, n_bytes = out.numel(), packed.numel()
+    nested = absmax2 is not None
+    absmax, code = absmax.to(device), code.to(device)
+    absmax2 = absmax2.to(device) if nested else absmax      # unused placeholders when not nested
+    code2 = code2.to(device) if nested else code
+    offset = offset.to(device).reshape(1) if nested else absmax
     grid = (-(-n_bytes // BYTES),)
     options = {} if interpret else {"enable_fp_fusion": False}
-    _kernel(interpret)[grid](packed, state.absmax, state.code, absmax2, code2, offset, out, n, n_bytes,
-                             HALF_BLOCK=state.blocksize // 2, BLOCKSIZE2=state.blocksize2 or 1,
-                             NESTED=nested, OUT_BF16=state.dtype == torch.bfloat16, BYTES=BYTES, **options)
+    _kernel(interpret)[grid](packed, absmax, code, absmax2, code2, offset, out, n, n_bytes,
+                             HALF_BLOCK=blocksize // 2, BLOCKSIZE2=blocksize2 or 1,
+                             NESTED=nested, OUT_BF16=dtype == torch.bfloat16, BYTES=BYTES, **options)
     return out

@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import NamedTuple
 
 import torch
 
-from .nf4_dequant import require_triton, triton_available  # noqa: F401 (re-exported: rosa.py asks sp.triton_available)
+from .triton import cdiv, require_triton
 
-__all__ = ["csr_from_mask", "csr_to_dense", "csr_row_indices", "csr_transpose", "check_csr",
+__all__ = ["CSR", "sparse_linear", "csr_from_mask", "csr_to_dense", "csr_row_indices", "csr_transpose", "check_csr",
            "spmm_reference", "sddmm_reference", "spmm_torch", "sddmm_torch", "spmm_triton", "sddmm_triton"]
 
 
@@ -93,6 +94,30 @@ def check_csr(crow: torch.Tensor, col: torch.Tensor, shape, what: str = "the mas
     rows = csr_row_indices(crow).long()
     if col.numel() > 1 and ((rows[1:] == rows[:-1]) & (col[1:] <= col[:-1])).any():
         raise ValueError(f"{what}: column indices must be strictly ascending within each row")
+
+
+def saved_csr_problems(saved: dict[str, torch.Tensor], shape, k: int, where: str) -> list[str]:
+    """Why saved ``crow_indices``/``col_indices``/``values`` (those present in ``saved``) cannot be loaded
+    as a CSR matrix of ``shape`` with ``k`` entries; [] if they can (or none were saved)."""
+    present = set(saved)
+    if present == {"values"}:
+        return [f"{where}: sparse values without their mask (crow_indices, col_indices); "
+                "save the whole adapter state (core.save_adapter does), not only its parameters"]
+    if present and present != {"crow_indices", "col_indices", "values"}:
+        return [f"{where}: the mask and the sparse values must be loaded together, got only {sorted(present)}"]
+    if not present:
+        return []
+    crow, col, values = saved["crow_indices"], saved["col_indices"], saved["values"]
+    if col.numel() != k or values.numel() != k or crow.numel() != shape[0] + 1:
+        return [f"{where}: a mask with {col.numel()} entries and {crow.numel() - 1} rows does not fit this "
+                f"layer's {shape[0]} x {shape[1]} weight with k={k} entries"]
+    if not crow.any():                       # saved before any mask was set: S must still be zero
+        return [f"{where}: sparse values without a mask"] if values.any() else []
+    try:
+        check_csr(crow, col, shape, what=f"{where}'s mask")
+    except ValueError as e:
+        return [str(e)]
+    return []
 
 
 # ----------------------------------------------------------------------------- references (dense, masked)
@@ -201,7 +226,7 @@ def spmm_triton(x: torch.Tensor, values, crow, col, shape, block_n: int = 64, bl
     outt = torch.empty(d_out, N, dtype=x.dtype, device=x.device)
     if N and d_out:
         spmm, _ = _kernels(interpret)
-        spmm[(d_out, triton_cdiv(N, block_n))](xt, crow, col, values, outt, N, BLOCK_N=block_n, BLOCK_NNZ=block_nnz)
+        spmm[(d_out, cdiv(N, block_n))](xt, crow, col, values, outt, N, BLOCK_N=block_n, BLOCK_NNZ=block_nnz)
     return outt.T
 
 
@@ -216,11 +241,11 @@ def sddmm_triton(grad_out: torch.Tensor, x: torch.Tensor, rows, col, block_n: in
     nnz, N = col.numel(), x.shape[0]
     if nnz == 0 or N == 0:
         return torch.zeros(nnz, dtype=torch.float32, device=x.device)
-    blocks = triton_cdiv(nnz, block_nnz)
+    blocks = cdiv(nnz, block_nnz)
     if splits is None:
-        splits = 1 if interpret else max(1, min(triton_cdiv(N, block_n), triton_cdiv(1024, blocks)))
-    n_per_split = triton_cdiv(triton_cdiv(N, splits), block_n) * block_n
-    splits = triton_cdiv(N, n_per_split)
+        splits = 1 if interpret else max(1, min(cdiv(N, block_n), cdiv(1024, blocks)))
+    n_per_split = cdiv(cdiv(N, splits), block_n) * block_n
+    splits = cdiv(N, n_per_split)
     gt, xt = grad_out.T.contiguous(), x.T.contiguous()
     part = torch.empty(splits, nnz, dtype=torch.float32, device=x.device)
     _, sddmm = _kernels(interpret)
@@ -228,5 +253,55 @@ def sddmm_triton(grad_out: torch.Tensor, x: torch.Tensor, rows, col, block_n: in
     return part.sum(0)
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+# ----------------------------------------------------------------------------- the product with its gradients
+
+class CSR(NamedTuple):
+    """S's positions, with what the backward pass needs, computed once per mask."""
+    crow: torch.Tensor      # (d_out + 1,) int32
+    col: torch.Tensor       # (nnz,) int32
+    row: torch.Tensor       # (nnz,) int32, the row of each entry (for SDDMM)
+    crow_t: torch.Tensor    # CSR of S^T: (d_in + 1,)
+    col_t: torch.Tensor     # (nnz,)
+    perm: torch.Tensor      # values of S^T = values[perm]
+    shape: tuple[int, int]  # (d_out, d_in)
+
+    @classmethod
+    def from_positions(cls, crow: torch.Tensor, col: torch.Tensor, shape) -> "CSR":
+        crow_t, col_t, perm = csr_transpose(crow, col, shape)
+        return cls(crow, col, csr_row_indices(crow), crow_t, col_t, perm, tuple(shape))
+
+
+class SparseLinearFunction(torch.autograd.Function):
+    """x -> x S^T for 2-D x (N, d_in); gradients for x (SpMM with S^T) and for S's values (SDDMM)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, values: torch.Tensor, csr: CSR, use_triton: bool) -> torch.Tensor:
+        ctx.save_for_backward(x, values)
+        ctx.csr, ctx.use_triton = csr, use_triton
+        if use_triton:
+            return spmm_triton(x, values, csr.crow, csr.col, csr.shape)
+        return spmm_torch(x, values, csr.crow, csr.col, csr.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, values = ctx.saved_tensors
+        csr, triton = ctx.csr, ctx.use_triton
+        grad_out = grad_out.contiguous()
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:      # grad_x = grad_out S = grad_out (S^T)^T: SpMM with S^T's CSR
+            shape_t = (csr.shape[1], csr.shape[0])
+            spmm = spmm_triton if triton else spmm_torch
+            grad_x = spmm(grad_out, values[csr.perm], csr.crow_t, csr.col_t, shape_t)
+        if ctx.needs_input_grad[1]:      # (grad_out^T x) at the mask only: SDDMM
+            if triton:
+                grad_values = sddmm_triton(grad_out, x, csr.row, csr.col)
+            else:
+                grad_values = sddmm_torch(grad_out, x, csr.crow, csr.col, csr.shape)
+            grad_values = grad_values.to(values.dtype)
+        return grad_x, grad_values, None, None
+
+
+def sparse_linear(x: torch.Tensor, values: torch.Tensor, csr: CSR, use_triton: bool = False) -> torch.Tensor:
+    """x S^T for x (..., d_in) -> (..., d_out), differentiable in x and in S's values."""
+    y = SparseLinearFunction.apply(x.reshape(-1, csr.shape[1]), values, csr, use_triton)
+    return y.reshape(*x.shape[:-1], csr.shape[0])

@@ -1,0 +1,15 @@
+"""Additive methods: new modules or inputs beside the frozen network.
+
+* ``houlsby``: bottleneck adapters after (or beside) sub-layers (Houlsby et al. 2019), ``HoulsbyConfig``;
+  built from ``bottleneck.Bottleneck``.
+* ``prompt_tuning``: a trained prompt before the input embeddings (Lester et al. 2021), ``PromptTuningConfig``.
+* ``p_tuning``: the prompt from a BiLSTM encoder (Liu et al. 2021), ``PTuningConfig``.
+* ``prefix_tuning``: trained keys and values in every layer (Li & Liang 2021), ``PrefixTuningConfig``.
+  The three share ``soft_prompt``'s forward hook.
+"""
+from .houlsby import HoulsbyConfig
+from .p_tuning import PTuningConfig
+from .prefix_tuning import PrefixTuningConfig, fold_prefix
+from .prompt_tuning import PromptTuningConfig
+
+__all__ = ["HoulsbyConfig", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "fold_prefix"]

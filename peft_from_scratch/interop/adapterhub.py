@@ -1,0 +1,352 @@
+"""Our bottleneck adapters against AdapterHub's ``adapters`` 1.3.0, the reference library for them.
+
+peft has no bottleneck adapters; AdapterHub's ``adapters`` has (Houlsby, Pfeiffer, parallel). One
+call runs the comparison on a BERT classifier carrying our ``HoulsbyConfig`` adapter::
+
+    model = core.add_adapter(bert, HoulsbyConfig(m=64, modules_to_save=["classifier"]))
+    perturb(model)                          # "trained" values, so that agreeing means something
+    report = compare(model, batches)        # an equivalence.Report: .table(), .verdict(), .passed
+
+**Why a side environment.** ``adapters`` 1.3.0 pins transformers ~=4.57.6; this project runs
+transformers 5. So AdapterHub runs in a subprocess, ``scripts/adapterhub_worker.py`` (outside the
+package, standalone: it imports nothing from peft_from_scratch), whose PYTHONPATH starts with a small folder
+holding exactly the pins of ``requirements/adapterhub.txt`` (adapters, transformers 4.57.6 and the
+hub/tokenizers versions it needs); torch, numpy, safetensors and the rest come from the project's
+venv. The two sides exchange only safetensors files and JSON.
+
+**How it is cached.** ``adapterhub_env()`` installs those pins once, with
+``pip install --no-deps --target``, into ``$PFS_CACHE/adapterhub-<hash>`` (default
+``~/.cache/peft_from_scratch``); the hash covers the requirement lines and the Python version, so
+editing a pin makes a new folder and editing a comment does not. The folder is built under a
+temporary name and renamed when complete, so concurrent runs never see half an install. Only the
+first call needs the network (PyPI).
+
+**What is compared.** ``compare`` copies the model (the caller's is left untouched) and writes, to a
+temporary folder, the base model (its config and its *unwrapped* weights, so a model loaded from
+any local folder works), the trained tensors under AdapterHub's names (``to_adapterhub_key``) and
+the batches. The worker rebuilds the same BERT in transformers 4.57.6, adds AdapterHub's adapter
+(``adapterhub_config``), copies the tensors in and trains. Both sides then run ``steps`` AdamW steps
+in eval mode (dropout off) on the same batches, and the report holds the largest difference of the
+logits at every step, of every gradient at the first step and of every parameter after the last.
+Both sides use the caller's thread count; on CPU in float32 (torch 2.13, one thread) they come out
+bit-identical.
+
+**Which AdapterHub config computes what ours computes.** The defaults differ in three places (read
+from adapters/methods/modeling.py, ``Adapter.pre_forward``/``forward``/``post_forward``):
+
+* houlsby  = ``DoubleSeqBnConfig``: its defaults (original_ln_after=True, residual_before_ln=True,
+  so A(h) = h + up(f(down(h))) and then LN(A(h) + x)) are our placement; only its default
+  non-linearity is "swish" where ours (and adapter-bert) use "gelu", so we pass ours.
+* pfeiffer = ``SeqBnConfig(original_ln_before=False)``. With SeqBn's default original_ln_before=True
+  the adapter reads the layer-normed output instead: LN(h + up(f(down(LN(h + x)))) + x), the same
+  LayerNorm applied twice -- a different function (``compare(..., adapterhub=("SeqBnConfig", {...}))``
+  shows how different).
+* parallel = ``ParBnConfig(scaling=1.0)``: LN(FFN(x) + up(f(down(x))) + x); AdapterHub's default
+  scales the adapter's output by 4.
+
+And one that does not show in eval mode: AdapterHub (like adapter-bert) applies the layer's hidden
+dropout *before* the adapter, ours after it (we wrap the dense layer, and BertSelfOutput/BertOutput
+apply dropout to what it returns). With dropout off the two are the same function.
+
+What AdapterHub trains: ``train_adapter`` (the adapters and the head) plus every LayerNorm, which
+Houlsby trains; so ours must be ``HoulsbyConfig(train_layer_norms=True, modules_to_save=["classifier"])``.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..additive.houlsby import HoulsbyConfig
+from ..core import adapter_layers
+from ..equivalence import Report
+from ..models import cache_dir
+
+REPO = Path(__file__).resolve().parents[2]
+REQUIREMENTS = REPO / "requirements" / "adapterhub.txt"
+WORKER = REPO / "scripts" / "adapterhub_worker.py"
+
+
+class AdapterHubError(RuntimeError):
+    """The AdapterHub side could not be set up or run."""
+
+
+class NoNetwork(AdapterHubError):
+    """The AdapterHub env is not cached yet and PyPI cannot be reached to install it."""
+
+
+# ----------------------------------------------------------------------------- 1. the side environment
+
+def pypi_reachable(timeout: float = 10.0) -> bool:
+    try:
+        urllib.request.urlopen(urllib.request.Request("https://pypi.org/simple/adapters/", method="HEAD"),
+                               timeout=timeout).close()
+        return True
+    except urllib.error.HTTPError:   # an answer, even an error page, means the network works
+        return True
+    except OSError:
+        return False
+
+
+def requirement_lines() -> list[str]:
+    """The pins of requirements/adapterhub.txt (comments and blank lines dropped)."""
+    if not REQUIREMENTS.is_file():
+        raise AdapterHubError(
+            f"{REQUIREMENTS} not found: the AdapterHub comparison reads requirements/adapterhub.txt from a "
+            f"source checkout of peft-from-scratch. Install the package editable (pip install -e .) from "
+            f"the repository, or set up that file next to the package's folder.")
+    lines = (line.split("#")[0].strip() for line in REQUIREMENTS.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def adapterhub_env() -> Path:
+    """The cached folder holding requirements/adapterhub.txt, installed on first use (see the docstring).
+
+    Raises ``NoNetwork`` if it must be installed and PyPI is unreachable, ``AdapterHubError`` if pip fails.
+    """
+    pins = requirement_lines()
+    key = hashlib.sha256("\n".join(pins + [sys.version.split()[0]]).encode()).hexdigest()[:12]
+    target = cache_dir() / f"adapterhub-{key}"
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp.", dir=target.parent))
+    try:
+        pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--only-binary", ":all:",
+                              "--no-compile", "--disable-pip-version-check", "--quiet", "--timeout", "30",
+                              "--target", str(tmp), *pins], capture_output=True, text=True)
+        if pip.returncode != 0:
+            if not pypi_reachable():
+                raise NoNetwork("no network: PyPI (pypi.org) is unreachable, so the AdapterHub env "
+                                f"({', '.join(pins)}) cannot be installed into {target}")
+            raise AdapterHubError(f"pip could not install {REQUIREMENTS} into {target} (exit {pip.returncode}):\n"
+                                  f"{pip.stdout[-2000:]}{pip.stderr[-4000:]}")
+        try:
+            tmp.rename(target)   # atomic: other runs see no folder or a complete one
+        except OSError:
+            pass                 # another run renamed its copy first; ours is removed below
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def run_worker(folders: list[Path]) -> None:
+    """Run scripts/adapterhub_worker.py once on every case folder (one process: importing transformers
+    4.57 and adapters takes seconds). Each folder gets result.safetensors and result.json."""
+    if not WORKER.exists():
+        raise AdapterHubError(f"{WORKER} is missing: the AdapterHub comparison runs from a source checkout of the "
+                              "repository (the worker script is not part of the installed package)")
+    threads = torch.get_num_threads()   # the same as our side, so that both sum in the same order
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(adapterhub_env()), os.environ.get("PYTHONPATH", "")]),
+               HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, str(WORKER), *map(str, folders)], env=env, capture_output=True,
+                          text=True, cwd=tempfile.gettempdir())
+    if proc.returncode != 0:
+        raise AdapterHubError(f"the AdapterHub worker failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+
+
+# ----------------------------------------------------------------------------- 2. names and configs
+
+def to_adapterhub_key(key: str, name: str = "a") -> str:
+    """Our parameter name -> AdapterHub's (its adapter is called ``name``), e.g.
+
+    bert.encoder.layer.0.attention.output.dense.adapter.down.weight (houlsby, pfeiffer: wraps the dense)
+    bert.encoder.layer.0.output.adapter.up.bias                        (parallel: wraps BertOutput)
+    -> bert.encoder.layer.0.attention.output.adapters.a.adapter_down.0.weight  (adapter_down = [Linear, act])
+    -> bert.encoder.layer.0.output.adapters.a.adapter_up.bias
+    The layer norms and the classifier have the same names in both (once ".base_layer" is dropped).
+    """
+    key = key.replace(".base_layer", "")
+    m = re.fullmatch(r"(.*\.output)(?:\.dense)?\.adapter\.(down|up)\.(weight|bias)", key)
+    if m is None:
+        return key
+    module, proj, kind = m.groups()
+    return f"{module}.adapters.{name}.{'adapter_down.0' if proj == 'down' else 'adapter_up'}.{kind}"
+
+
+def adapterhub_config(config: HoulsbyConfig, d: int) -> tuple[str, dict]:
+    """The AdapterHub config class and arguments that compute what ``config`` computes (module docstring)."""
+    if d % config.m:
+        raise ValueError(f"AdapterHub's bottleneck is int(d // reduction_factor); pick m dividing d={d}, "
+                         f"not m={config.m}")
+    common = {"reduction_factor": d / config.m, "non_linearity": config.non_linearity, "init_weights": "houlsby"}
+    return {"houlsby": ("DoubleSeqBnConfig", common),
+            "pfeiffer": ("SeqBnConfig", {**common, "original_ln_before": False}),
+            "parallel": ("ParBnConfig", {**common, "scaling": 1.0})}[config.placement]
+
+
+def perturb(model: nn.Module, seed: int = 1) -> None:
+    """Give the trainable tensors "trained" values, in place: adapter weights with std 1/sqrt(fan_in)
+    (an output as large as the input, not the init's ~1e-2 of it), non-zero biases, layer norms and
+    head moved off their pretrained values. At the init the adapters are nearly the identity, and
+    agreeing on a near-identity would say little."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            noise = torch.randn(p.shape, generator=g).to(p)
+            if ".adapter." in name:
+                p.copy_(noise / p.shape[1] ** 0.5 if name.endswith("weight") else 0.1 * noise)
+            elif "LayerNorm.weight" in name:
+                p.mul_(1 + 0.1 * noise)
+            else:   # layer-norm biases, classifier
+                p.add_(0.05 * noise)
+
+
+@torch.no_grad()
+def adapter_effect(model: nn.Module, batch: dict) -> float:
+    """max |logits - logits with every adapter's output zeroed| / max |the latter|: how much the
+    adapters change the function (near 1e-4 at the init)."""
+    ups = [p for n, p in model.named_parameters() if ".adapter.up." in n]
+    saved = [p.clone() for p in ups]
+    logits = model(**batch).logits
+    for p in ups:
+        p.zero_()
+    without = model(**batch).logits
+    for p, value in zip(ups, saved):
+        p.copy_(value)
+    return ((logits - without).abs().max() / without.abs().max()).item()
+
+
+# ----------------------------------------------------------------------------- 3. one comparison
+
+@dataclass
+class AdapterHubReport(Report):
+    """``equivalence.Report`` (diffs of logits, grads, params; .table(), .verdict(), .passed) plus what ran."""
+    reference: str = ""              # e.g. "adapters 1.3.0 (transformers 4.57.6) DoubleSeqBnConfig(...)"
+    versions: dict = field(default_factory=dict)
+    trained: list[str] = field(default_factory=list)   # the trained tensors, AdapterHub's names
+    adapter_effect: float = 0.0      # see adapter_effect(), on the first batch before training
+
+
+@dataclass
+class Case:
+    """One comparison written to ``folder`` for the worker, with our side already run."""
+    folder: Path
+    adapterhub: tuple[str, dict]     # AdapterHub's config class and arguments
+    steps: int
+    ours: dict[str, torch.Tensor]    # logits.<step>, grad.<name> at step 0, param.<name> at the end
+    adapter_effect: float
+
+    def report(self, rtol: float = 1e-5, atol: float = 1e-6) -> AdapterHubReport:
+        """Read the worker's result and compare it with ours."""
+        theirs = load_file(self.folder / "result.safetensors")
+        info = json.loads((self.folder / "result.json").read_text())
+        ours_trained = sorted(k[len("param."):] for k in self.ours if k.startswith("param."))
+        if ours_trained != info["trainable"]:
+            raise ValueError(f"ours and AdapterHub train different tensors: only ours "
+                             f"{sorted(set(ours_trained) - set(info['trainable']))[:5]}, only AdapterHub's "
+                             f"{sorted(set(info['trainable']) - set(ours_trained))[:5]}")
+        class_name, kwargs = self.adapterhub
+        v = info["versions"]
+        report = AdapterHubReport(
+            rtol, atol, self.steps, versions=v, trained=info["trainable"], adapter_effect=self.adapter_effect,
+            reference=f"adapters {v['adapters']} (transformers {v['transformers']}) {class_name}("
+                      + ", ".join(f"{k}={val!r}" for k, val in kwargs.items()) + ")")
+        for prefix, what in (("logits.", "logits"), ("grad.", "grads"), ("param.", "params")):
+            for k in (k for k in theirs if k.startswith(prefix)):
+                report.diffs[what].update(self.ours[k], theirs[k], rtol, atol)
+        return report
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model without its adapter: wrapped layers' weights under their plain names, adapter
+    branches left out. (Trained layer norms and head keep their current values; they are sent again
+    with the adapter anyway.)"""
+    branches = tuple(n + "." for n in adapter_layers(model))
+    return {k.replace(".base_layer", ""): v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+            if not (k.startswith(branches) and ".base_layer." not in k)}
+
+
+def check_model(model: nn.Module, adapterhub: tuple[str, dict] | None) -> HoulsbyConfig:
+    config = getattr(model, "adapter_config", None)
+    if not isinstance(config, HoulsbyConfig):
+        raise ValueError("compare needs a model with our bottleneck adapter: "
+                         "core.add_adapter(model, HoulsbyConfig(...))")
+    bert_classifier = type(model).__name__.endswith("ForSequenceClassification")
+    if getattr(model.config, "model_type", None) != "bert" or not bert_classifier:
+        raise ValueError(f"the AdapterHub worker builds a BertForSequenceClassification; this is a "
+                         f"{type(model).__name__} ({getattr(model.config, 'model_type', None)})")
+    if adapterhub is None and config.target_modules is not None:
+        raise ValueError("with custom target_modules there is no AdapterHub config to compare with; "
+                         "use the default placements or pass adapterhub=(class name, arguments)")
+    if not config.train_layer_norms or list(config.modules_to_save) != ["classifier"]:
+        raise ValueError("AdapterHub's recipe trains the adapters, every LayerNorm and the head; use "
+                         "HoulsbyConfig(..., train_layer_norms=True, modules_to_save=['classifier'])")
+    return config
+
+
+def train_ours(model: nn.Module, batches: list[dict], steps: int, lr: float) -> dict[str, torch.Tensor]:
+    """The worker's loop on our side: logits.<step>, grad.<name> at step 0, param.<name> at the end."""
+    params = {to_adapterhub_key(n): p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params.values(), lr=lr)
+    out = {}
+    for step in range(steps):
+        result = model(**batches[step % len(batches)])
+        out[f"logits.{step}"] = result.logits.detach().clone()
+        result.loss.backward()
+        if step == 0:
+            out.update({f"grad.{n}": p.grad.detach().clone() for n, p in params.items()})
+        opt.step()
+        opt.zero_grad()
+    out.update({f"param.{n}": p.detach().clone() for n, p in params.items()})
+    return out
+
+
+def prepare_case(model: nn.Module, batches: list[dict], folder: str | Path, steps: int = 5, lr: float = 1e-3,
+                 adapterhub: tuple[str, dict] | None = None) -> Case:
+    """Write what the worker needs to ``folder`` (created) and run our side on a CPU float32 copy.
+
+    ``adapterhub`` overrides the AdapterHub config (class name, arguments); by default
+    ``adapterhub_config`` picks the one equal to ours.
+    """
+    config = check_model(model, adapterhub)
+    if not batches or any("labels" not in b for b in batches):
+        raise ValueError("compare needs a non-empty list of batches with labels (the loss is trained)")
+    adapterhub = adapterhub or adapterhub_config(config, model.config.hidden_size)
+    ours = copy.deepcopy(model).to("cpu", torch.float32).eval()
+    batches = [{k: torch.as_tensor(v).cpu() for k, v in b.items()} for b in batches]
+
+    folder = Path(folder)
+    (folder / "base").mkdir(parents=True)
+    ours.config.to_json_file(folder / "base" / "config.json")
+    save_file(base_state_dict(ours), folder / "base" / "model.safetensors")
+    save_file({to_adapterhub_key(n): p.detach().contiguous() for n, p in ours.named_parameters() if p.requires_grad},
+              folder / "adapter.safetensors")
+    save_file({f"{k}.{i}": v.contiguous() for i, b in enumerate(batches) for k, v in b.items()},
+              folder / "batches.safetensors")
+    (folder / "case.json").write_text(json.dumps({"base": str(folder / "base"), "config_class": adapterhub[0],
+                                                  "config": adapterhub[1], "steps": steps, "lr": lr}))
+    effect = adapter_effect(ours, batches[0])
+    return Case(folder, adapterhub, steps, train_ours(ours, batches, steps, lr), effect)
+
+
+def compare(model: nn.Module, batches: list[dict], steps: int = 5, lr: float = 1e-3, rtol: float = 1e-5,
+            atol: float = 1e-6, adapterhub: tuple[str, dict] | None = None) -> AdapterHubReport:
+    """Train ``model`` (a copy; ours is unchanged) and its AdapterHub twin side by side and report.
+
+    ``model``: a BERT classifier with ``HoulsbyConfig(..., modules_to_save=["classifier"])`` added and
+    non-trivial values (``perturb``); ``batches``: a list of dicts of tensors with ``labels`` (e.g. the
+    first few of ``data.make_loader``). Logits at every step, gradients at step 0 and parameters after
+    ``steps`` AdamW steps (lr ``lr``) must agree within ``|ours - ref| <= atol * max(1, max|ref|) +
+    rtol * |ref|``. Raises ``NoNetwork`` if the AdapterHub env is not cached and PyPI is unreachable.
+    """
+    with tempfile.TemporaryDirectory(prefix="adapterhub-") as tmp:
+        case = prepare_case(model, batches, Path(tmp) / "case", steps, lr, adapterhub)
+        run_worker([case.folder])
+        return case.report(rtol, atol)
