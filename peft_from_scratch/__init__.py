@@ -32,8 +32,15 @@ Every method registers under the name a user types (``methods()`` lists them)::
     pfs.train(model, loader, pfs.TrainConfig(lr=2e-4))
     pfs.save_adapter(model, "my-adapter")          # adapter.json stores "lora"
 """
-from . import additive, optim, quantized, reparameterized, selective  # noqa: F401 (each registers its methods)
-from . import data, equivalence, evaluate, models, notebook  # noqa: F401
+import warnings
+
+# In a Jupyter kernel without ipywidgets, tqdm.auto (imported by datasets, transformers and peft) warns
+# that it falls back to the text bar; the text bar is what the notebooks want. Import this package
+# before peft or datasets in a notebook, so the filter is in place when they import tqdm.auto.
+warnings.filterwarnings("ignore", message="IProgress not found")
+
+from . import additive, optim, quantized, reparameterized, selective  # noqa: E402,F401 (each registers its methods)
+from . import data, equivalence, evaluate, models  # noqa: E402,F401
 from .additive import HoulsbyConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, fold_prefix
 from .core import (add_adapter, adapter_layers, count_parameters, load_adapter, merge_adapter, methods,
                    print_trainable_parameters, remove_adapter, save_adapter, unmerge_adapter)

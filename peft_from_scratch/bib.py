@@ -2,7 +2,13 @@
 
 Everything comes from one BibTeX file, ``references/peft_from_scratch.bib``. Besides the usual
 fields, each entry has ``group`` (the reading list it first appears in) and may have ``also_in``
-(other reading lists), ``arxiv`` (its arXiv id) and ``resource`` (for datasets and models).
+(other reading lists), ``arxiv`` (its arXiv id), and for datasets and models ``resource`` (what it
+stands for) and ``license``.
+
+Titles are shown as the paper writes them: BibTeX braces (``{LoRA}``) protect capitals from
+bibliography styles and are dropped for display, nothing is re-cased. Citation labels follow
+author-year rules: when two entries would read the same ("Lv et al. (2023)"), they get a, b, ...
+in the order of the .bib file ("Lv et al. (2023a)", "Lv et al. (2023b)"), wherever ``cite`` is used.
 
 A notebook declares the paper it covers by calling ``paper_card("key", claim=...)`` in a code
 cell. ``render_reading_list`` finds those calls and builds ``references/README.md``, which links
@@ -28,10 +34,13 @@ from bibtexparser.model import Entry
 
 REPO = Path(__file__).resolve().parents[1]
 BIB_PATH = REPO / "references" / "peft_from_scratch.bib"
+CLAIMS_PATH = REPO / "references" / "claims.toml"
+CLAIM_FIELDS = ("paper", "where", "says", "quantity", "checked")
+CHECKED = ("paper", "official README", "unchecked")
 README_PATH = REPO / "references" / "README.md"
 NOTEBOOK_DIR = REPO / "notebooks"
 DATA_GROUP = "Datasets and models"
-CUSTOM_FIELDS = ("group", "also_in", "resource")  # ours, not BibTeX's: bibtex() leaves them out
+CUSTOM_FIELDS = ("group", "also_in", "resource", "license")  # ours, not BibTeX's: bibtex() leaves them out
 
 
 class UnknownKeyError(KeyError):
@@ -84,20 +93,48 @@ def _field(e: Entry, name: str) -> str:
 
 
 def _plain(text: str) -> str:
-    """Drop BibTeX braces and collapse whitespace, for display."""
-    return " ".join(text.replace("{", "").replace("}", "").split())
+    """For display: drop BibTeX's protecting braces (keeping what they protect, case untouched),
+    turn ``--`` into an en dash, collapse whitespace."""
+    text = text.replace("{", "").replace("}", "").replace("---", "\u2014").replace("--", "\u2013")
+    return " ".join(text.split())
+
+
+def title(key: str) -> str:
+    """The entry's title as the paper writes it: "LoRA: Low-Rank Adaptation of Large Language Models"."""
+    return _plain(_field(entry(key), "title"))
 
 
 def _names(e: Entry) -> list[str]:
     return re.split(r"\s+and\s+", _plain(_field(e, "author")))
 
 
-def cite(key: str) -> str:
-    """Short citation: "Hu et al. (2021)", "Reimers and Gurevych (2019)", "Karpathy (2015)"."""
-    e, names = entry(key), _names(entry(key))
+def _author_year(e: Entry) -> tuple[str, str]:
+    names = _names(e)
     last = [n.split(",")[0] if "," in n else n.split()[-1] for n in names if n != "others"]
     who = f"{last[0]} et al." if len(last) > 2 or "others" in names else " and ".join(last)
-    return f"{who} ({_field(e, 'year')})"
+    return who, _field(e, "year")
+
+
+@functools.lru_cache(maxsize=None)
+def _suffixes(path: str) -> dict[str, str]:
+    """{key: "a" | "b" | ...} for the entries whose author-year label another entry shares, in file order."""
+    shared: dict[tuple[str, str], list[str]] = {}
+    for key, e in _load(path).items():
+        shared.setdefault(_author_year(e), []).append(key)
+    return {k: "abcdefghijklmnopqrstuvwxyz"[i] for keys in shared.values() if len(keys) > 1
+            for i, k in enumerate(keys)}
+
+
+def cite(key: str) -> str:
+    """Short citation: "Hu et al. (2021)", "Reimers and Gurevych (2019)", "Karpathy (2015)"; labels
+    that two entries share get a/b in file order: "Lv et al. (2023a)", "Lv et al. (2023b)"."""
+    who, year = _author_year(entry(key))
+    return f"{who} ({year}{_suffixes(str(BIB_PATH.resolve())).get(key, '')})"
+
+
+def papers() -> list[str]:
+    """The keys of the reading lists' papers (every entry but the datasets and models), in file order."""
+    return [k for k, e in load_bib().items() if _field(e, "group") != DATA_GROUP]
 
 
 def bibtex(key: str) -> str:
@@ -123,7 +160,7 @@ def venue(key: str) -> str:
 
 
 def paper_card(key: str, claim: str, notebook_profile=None) -> Card:
-    """A Markdown card for the top of a notebook: the paper, the claim reproduced, its BibTeX.
+    """A Markdown card for the top of a notebook: the paper, the claim it tests, its BibTeX.
 
     `notebook_profile` (optional) says how the notebook runs, e.g. "cpu-fast" or a dict such as
     {"model": "SmolLM2-135M", "steps": 200}; it is shown as one line.
@@ -131,15 +168,45 @@ def paper_card(key: str, claim: str, notebook_profile=None) -> Card:
     e = entry(key)
     authors = [" ".join(reversed(n.split(", ", 1))) if n != "others" else "et al." for n in _names(e)]
     label = f"arXiv:{_field(e, 'arxiv')}" if _field(e, "arxiv") else link(key)
-    lines = [f"### 📄 {_plain(_field(e, 'title'))}", "",
+    lines = [f"### 📄 {title(key)}", "",
              f"**{cite(key)}**: {', '.join(authors).rstrip('.')}.  ", f"*{venue(key)}* · [{label}]({link(key)})", "",
-             f"**Claim reproduced in this notebook:** {claim}"]
+             f"**Claim tested:** {claim}"]
     if notebook_profile:
         if isinstance(notebook_profile, dict):
             notebook_profile = ", ".join(f"{k}={v}" for k, v in notebook_profile.items())
         lines += ["", f"**Notebook profile:** {notebook_profile}"]
     lines += ["", "<details><summary>BibTeX</summary>", "", "```bibtex", bibtex(key), "```", "", "</details>"]
     return Card("\n".join(lines) + "\n")
+
+
+@functools.lru_cache(maxsize=None)
+def claims(path: str | None = None) -> dict[str, dict]:
+    """Every claim of ``references/claims.toml`` (the papers' numbers the notebooks quote), validated."""
+    import tomllib
+    path = Path(path or CLAIMS_PATH)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path} is not valid TOML: {e}") from e
+    keys = load_bib()
+    for name, c in table.items():
+        missing = [f for f in CLAIM_FIELDS if not c.get(f)]
+        if missing:
+            raise ValueError(f"{path}: claim {name!r} lacks {missing}")
+        if c["paper"] not in keys:
+            raise ValueError(f"{path}: claim {name!r} cites {c['paper']!r}, which is not in {BIB_PATH.name}")
+        if c["checked"] not in CHECKED:
+            raise ValueError(f"{path}: claim {name!r} has checked={c['checked']!r}; use one of {CHECKED}")
+    return table
+
+
+def claim(name: str) -> dict:
+    """One claim of ``references/claims.toml``; an unknown name fails with the close ones."""
+    table = claims()
+    if name not in table:
+        close = difflib.get_close_matches(name, list(table), n=3)
+        raise KeyError(f"no claim {name!r} in {CLAIMS_PATH.name}" + (f"; did you mean {close}?" if close else ""))
+    return table[name]
 
 
 def notebooks_citing(nb_dir: str | Path | None = None, functions=("paper_card",)) -> dict[str, list[str]]:
@@ -165,12 +232,13 @@ def notebooks_citing(nb_dir: str | Path | None = None, functions=("paper_card",)
 
 def _row(key: str, notebooks: list[str], is_data: bool) -> str:
     e = entry(key)
-    title = f"[{_plain(_field(e, 'title'))}]({link(key)})".replace("|", "\\|")
-    title += f" <br>*also in: {_field(e, 'also_in')}*" if _field(e, "also_in") else ""
+    paper = f"[{title(key)}]({link(key)})".replace("|", "\\|")
+    paper += f" <br>*also in: {_field(e, 'also_in')}*" if _field(e, "also_in") else ""
     covered = ", ".join(f"[{Path(n).stem}](../notebooks/{n})" for n in notebooks)
     if is_data:
-        return f"| {_plain(_field(e, 'resource'))} | {title} | {cite(key)} | {covered or 'not yet used'} |"
-    return f"| {cite(key)} | {title} | {covered or 'not yet covered'} |"
+        terms = _plain(_field(e, "license")).replace("|", "\\|") or "\u2013"
+        return f"| {_plain(_field(e, 'resource'))} | {paper} | {cite(key)} | {terms} | {covered or 'not yet used'} |"
+    return f"| {cite(key)} | {paper} | {covered or 'not yet covered'} |"
 
 
 def render_reading_list(bib_path: str | Path | None = None, nb_dir: str | Path | None = None) -> str:
@@ -194,9 +262,11 @@ def render_reading_list(bib_path: str | Path | None = None, nb_dir: str | Path |
     for group, keys in groups.items():
         is_data = group == DATA_GROUP
         if is_data:
-            out += ["", f"## {group}", "", "The datasets and pretrained models the notebooks use; a notebook "
-                    "counts as using one when it calls `cite(\"key\")` (or `paper_card`/`bibtex`) with its key.",
-                    "", "| Resource | Reference | Citation | Used in |", "|---|---|---|---|"]
+            out += ["", f"## {group}", "", "The datasets and pretrained models the notebooks use, with the paper "
+                    "to cite for each and its license or terms (from the raw data's provenance notes; the subsets "
+                    "in `data/` are described in [`data/README.md`](../data/README.md)). A notebook counts as "
+                    "using one when a code cell calls `bib.cite(\"key\")` (or `paper_card`/`bibtex`) with its key.",
+                    "", "| Resource | Reference | Citation | License / terms | Used in |", "|---|---|---|---|---|"]
         else:
             done = sum(k in citing for k in keys)
             out += ["", f"## {group} ({done}/{len(keys)} covered)", "",

@@ -41,33 +41,44 @@ def label_token_ids(tokenizer, words: list[str]) -> list[int]:
 
 
 @torch.no_grad()
-def label_word_accuracy(model: nn.Module, tokenizer, rows, example_fn, words: list[str], batch_size: int = 16) -> float:
-    """Rank classification: the share of ``rows`` where, at the answer position after the chat-formatted
-    prompt ``example_fn(row)[0]``, the logit of the right label word is the largest among ``words``.
+def label_word_logits(model: nn.Module, tokenizer, rows, example_fn, words: list[str],
+                      batch_size: int = 16) -> torch.Tensor:
+    """(len(rows), len(words)) float32: at the answer position after the chat-formatted prompt
+    ``example_fn(row)[0]``, each label word's logit, per row.
 
-    Unlike parsing greedy generations it always yields a class, and it is the decision greedy decoding
-    makes once the model answers in format. Works with soft prompts and prefixes: the answer position
-    is counted from the end of the logits (right padding), so virtual tokens in front shift nothing.
+    Works with soft prompts and prefixes: batches are right-padded, so the answer position (the last
+    real token) is counted from the end of the logits, and virtual tokens in front shift nothing.
+    The tokenizer's ``padding_side`` and the model's train/eval mode are restored.
     """
     label_ids = label_token_ids(tokenizer, words)
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "right"      # then the answer position is the last real token (+ n virtual ones)
     texts = [chat_prompt(tokenizer, example_fn(r)[0]) for r in rows]
-    labels = torch.tensor(list(rows["label"]))
-    correct = 0
+    out = []
     try:
         for i in range(0, len(texts), batch_size):
             enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(_device(model)) for k, v in enc.items()}
             logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
             last = enc["attention_mask"].sum(1) - 1 + (logits.shape[1] - enc["input_ids"].shape[1])
-            pred = logits[torch.arange(len(last)), last][:, label_ids].argmax(-1).cpu()
-            correct += (pred == labels[i:i + batch_size]).sum().item()
+            out.append(logits[torch.arange(len(last)), last][:, label_ids].float().cpu())
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return correct / len(texts)
+    return torch.cat(out)
+
+
+def label_word_accuracy(model: nn.Module, tokenizer, rows, example_fn, words: list[str], batch_size: int = 16) -> float:
+    """Rank classification: the share of ``rows`` where, at the answer position after the chat-formatted
+    prompt ``example_fn(row)[0]``, the logit of the right label word is the largest among ``words``
+    (``label_word_logits``).
+
+    Unlike parsing greedy generations it always yields a class, and it is the decision greedy decoding
+    makes once the model answers in format. Works with soft prompts and prefixes.
+    """
+    pred = label_word_logits(model, tokenizer, rows, example_fn, words, batch_size).argmax(-1)
+    return (pred == torch.tensor(list(rows["label"]))).sum().item() / len(pred)
 
 
 @torch.no_grad()

@@ -27,6 +27,8 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM)
 
+from transformers.utils import logging as transformers_logging
+
 from .core.pretrained import register_resolver
 
 
@@ -163,11 +165,36 @@ def load_model(name: str = SMOLLM2, task: str | None = None, num_labels: int = 2
     if task == "causal-lm":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype, **kwargs)
+        # A classification head is new by design: transformers' load report (it lists the head's
+        # weights as "newly initialized") says what we already know, so it is silenced for this call.
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype, **kwargs)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def keep_layers(model: torch.nn.Module, n: int) -> torch.nn.Module:
+    """Keep the first ``n`` transformer layers of a Llama or BERT model (in place): the smoke profile's
+    real model, with the real embeddings, norms and first layers, at a fraction of the cost."""
+    config = model.config
+    if hasattr(model, "model") and hasattr(model.model, "layers"):          # Llama family
+        model.model.layers = torch.nn.ModuleList(list(model.model.layers)[:n])
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:n]
+    elif hasattr(model, "bert"):
+        model.bert.encoder.layer = torch.nn.ModuleList(list(model.bert.encoder.layer)[:n])
+    else:
+        raise ValueError(f"keep_layers knows Llama and BERT models, not {type(model).__name__}")
+    if n > config.num_hidden_layers:
+        raise ValueError(f"the model has {config.num_hidden_layers} layers, fewer than {n}")
+    config.num_hidden_layers = n
+    return model
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 64, num_hidden_layers: int = 2,

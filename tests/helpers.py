@@ -7,7 +7,8 @@ The pattern every equivalence test follows:
 3. give our adapter "trained" values (B random, m perturbed) and copy every adapter tensor into
    peft through our own key mapping, so the test also checks that mapping;
 4. compare the logits at every step, every adapter gradient at the first step, and the adapter
-   parameters after 5 AdamW steps on the same batches.
+   parameters after 5 AdamW steps on the same batches (``compare_with_peft`` says which of these is
+   the evidence and why Adam's step bound is not).
 """
 from __future__ import annotations
 
@@ -76,13 +77,23 @@ def trainable(model) -> dict[str, torch.Tensor]:
 def compare_with_peft(ours, theirs, data, steps=STEPS, lr=LR, rtol=RTOL, atol=ATOL, adam_outliers=0.0):
     """Logits, all adapter grads, and adapter params after ``steps`` AdamW steps; asserts and returns Diffs.
 
-    Every element must satisfy ``|ours - peft| <= atol * max(1, max|peft|) + rtol * |peft|`` (atol is
-    scaled by the tensor's largest entry, so gradients of any size are held to the same relative
-    precision), except that after the AdamW steps a fraction ``adam_outliers`` of the parameters may
-    differ by up to Adam's step bound, 2 * lr * steps: Adam divides each gradient element by its own
-    running magnitude, so an element whose gradient is below float32 rounding noise (a sign flip in
-    the noise) gets a full-size step in a random direction. Only rounding-level differences in the
-    gradients (DoRA's, not LoRA's, which match peft bit for bit) produce such outliers.
+    The evidence of equivalence is three comparisons, each element held to
+    ``|ours - peft| <= atol * max(1, max|peft|) + rtol * |peft|`` (atol scaled by the tensor's largest
+    entry, so gradients of any size are held to the same relative precision):
+
+    1. the logits at every one of the ``steps`` forward passes (the function, and after step 0 the
+       function of the updated parameters);
+    2. every adapter gradient before the first optimizer step (the backward pass);
+    3. every adapter parameter after the last step, all but a fraction ``adam_outliers`` of them
+       (default 0: all). Adam divides each gradient element by its own running magnitude, so an
+       element whose gradient is below float32 rounding noise (a sign flip in the noise) gets a
+       full-size step in a random direction; only rounding-level differences in the gradients
+       (DoRA's, not LoRA's, which match peft bit for bit) produce such outliers, and (2) has already
+       held the gradients to rounding.
+
+    The line ``|ours - peft| <= 2 * lr * steps`` below is a sanity bound only: Adam moves an element by
+    at most about lr per step *whatever the gradients are*, so it holds for two unrelated models
+    started from equal values and is no evidence that ours equals peft.
     """
     ours_params = trainable(ours)
     their_params = {k: peft_param(theirs, k, ours.adapter_config) for k in ours_params}
@@ -112,6 +123,7 @@ def compare_with_peft(ours, theirs, data, steps=STEPS, lr=LR, rtol=RTOL, atol=AT
         opt_ours.zero_grad(), opt_theirs.zero_grad()
     for k, p in ours_params.items():
         diffs["params"].update(p, their_params[k], rtol, atol)
+        # sanity only (see the docstring): holds for any gradients, so it proves nothing by itself
         assert (p - their_params[k]).abs().max() <= 2 * lr * steps, f"{k} after {steps} AdamW steps"
     assert diffs["params"].outside <= adam_outliers * diffs["params"].total, \
         f"after {steps} AdamW steps: {diffs['params']}"

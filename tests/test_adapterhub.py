@@ -12,6 +12,11 @@ gradient at the first step and every parameter after ``STEPS`` AdamW steps, with
 One worker process runs all the cases the session selected (importing transformers 4.57 and
 adapters takes seconds): ``prepare_case`` per case, one ``run_worker``, ``Case.report`` per case.
 ``test_compare_in_one_call`` runs the public ``compare`` as the notebook does.
+
+The comparison skips only where the side env is not cached *and* PyPI is unreachable
+(``test_the_side_env_skips_only_offline_and_uncached``). So that Houlsby is never left unchecked,
+``test_our_placements_compute_adapterhubs_equations`` runs everywhere, offline: AdapterHub's code for
+the config each placement maps to, written out as equations and computed by hand on our weights.
 """
 from __future__ import annotations
 
@@ -133,6 +138,123 @@ def test_compare_in_one_call():
     assert r.reference.startswith("adapters 1.3.0 (transformers 4.57.6) DoubleSeqBnConfig(reduction_factor=8.0")
     assert r.adapter_effect > 0.05 and r.passed, r.table()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- offline: AdapterHub's equations by hand
+
+# The flags of AdapterHub's configs that decide the function (adapters 1.3.0,
+# configuration/adapter_config.py), overridden by the arguments ``adapterhub.adapterhub_config`` passes.
+ADAPTERHUB_DEFAULTS = {
+    "DoubleSeqBnConfig": dict(original_ln_before=False, original_ln_after=True, residual_before_ln=True,
+                              mh_adapter=True, output_adapter=True, scaling=1.0, is_parallel=False),
+    "SeqBnConfig": dict(original_ln_before=True, original_ln_after=True, residual_before_ln=True,
+                        mh_adapter=False, output_adapter=True, scaling=1.0, is_parallel=False),
+    "ParBnConfig": dict(original_ln_before=False, original_ln_after=True, residual_before_ln=True,
+                        mh_adapter=False, output_adapter=True, scaling=4.0, is_parallel=True),
+}
+ACTIVATIONS = {"gelu": torch.nn.functional.gelu, "relu": torch.relu, "swish": torch.nn.functional.silu}
+
+
+def adapterhub_sublayer(h, x, ln, adapter, flags):
+    """One BERT sub-layer's end as AdapterHub computes it (methods/modeling.py, ``Adapter.pre_forward``,
+    ``forward``, ``post_forward``; ``ParallelAdapter``'s), from the raw weights. h: the dense layer's
+    output (after dropout, off here), x: the sub-layer's input, ln: BERT's LayerNorm after it."""
+    F = torch.nn.functional
+    norm = lambda t: F.layer_norm(t, (t.shape[-1],), ln.weight, ln.bias, ln.eps)
+    if adapter is None:
+        return norm(h + x)
+    f = ACTIVATIONS[flags["non_linearity"]]
+    branch = lambda z: (f(z @ adapter.down.weight.T + adapter.down.bias) @ adapter.up.weight.T
+                        + adapter.up.bias) * flags["scaling"]
+    if flags["is_parallel"]:                 # pre_forward hands the adapter x; post_forward adds h, then LN(. + x)
+        return norm(branch(x) + h + x)
+    residual = h                             # residual_before_ln=True
+    if flags["original_ln_before"]:
+        h = norm(h + x)                      # the adapter reads LN(h + x) ...
+    out = branch(h) + residual               # ... and its output joins the residual h
+    return norm(out + x) if flags["original_ln_after"] else out + x
+
+
+def encoder_by_hand(model, x, flags):
+    """Every layer of a (tiny) BERT encoder with AdapterHub's adapters in the places ``flags`` name."""
+    heads = model.config.num_attention_heads
+    for layer in model.bert.encoder.layer:
+        att, B, T, d = layer.attention, *x.shape
+        hd = d // heads
+        split = lambda t: t.view(B, T, heads, hd).transpose(1, 2)
+        q, k, v = (split(x @ m.weight.T + m.bias) for m in (att.self.query, att.self.key, att.self.value))
+        ctx = (torch.softmax(q @ k.transpose(-1, -2) / hd ** 0.5, -1) @ v).transpose(1, 2).reshape(B, T, d)
+        dense = att.output.dense
+        plain = getattr(dense, "base_layer", dense)
+        h1 = adapterhub_sublayer(ctx @ plain.weight.T + plain.bias, x, att.output.LayerNorm,
+                                 dense.adapter if flags["mh_adapter"] else None, flags)
+        out = layer.output
+        ffn_out = getattr(out, "base_layer", out)         # BertOutput (the parallel adapter wraps it)
+        dense2 = getattr(ffn_out.dense, "base_layer", ffn_out.dense)
+        a = torch.nn.functional.gelu(h1 @ layer.intermediate.dense.weight.T + layer.intermediate.dense.bias)
+        adapter = (out.adapter if flags["is_parallel"] else ffn_out.dense.adapter) if flags["output_adapter"] else None
+        x = adapterhub_sublayer(a @ dense2.weight.T + dense2.bias, h1, ffn_out.LayerNorm, adapter, flags)
+    return x
+
+
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer", "parallel"])
+@pytest.mark.parametrize("non_linearity", ["gelu", "swish"])
+def test_our_placements_compute_adapterhubs_equations(placement, non_linearity):
+    """Runs offline, never skips: the AdapterHub config ``adapterhub_config`` picks for each of our
+    placements, written out as the equations of AdapterHub's code (above) and computed by hand on our
+    model's own weights (perturbed: far from the near-identity init), equals our encoder. The
+    SeqBnConfig default (original_ln_before=True) must not: that is the function we do *not* compute."""
+    model = core.add_adapter(tiny_bert(seed=0), HoulsbyConfig(m=8, non_linearity=non_linearity, placement=placement,
+                                                              modules_to_save=["classifier"]))
+    adapterhub.perturb(model)
+    d = model.config.hidden_size
+    class_name, kwargs = adapterhub.adapterhub_config(model.adapter_config, d)
+    flags = {**ADAPTERHUB_DEFAULTS[class_name], **kwargs}
+    assert int(d // flags["reduction_factor"]) == 8 and flags["non_linearity"] == non_linearity
+    x = model.bert.embeddings(input_ids=tokens(0, 128, (2, 12)))
+    with torch.no_grad():
+        ours = model.bert.encoder(x).last_hidden_state
+        ref = encoder_by_hand(model, x, flags)
+        torch.testing.assert_close(ours, ref, rtol=RTOL, atol=ATOL * ref.abs().max().item())
+        without = encoder_by_hand(model, x, {**flags, "mh_adapter": False, "output_adapter": False})
+        assert (ours - without).abs().max() > 0.05 * without.abs().max()     # the adapters matter here
+        if placement == "pfeiffer":
+            seqbn_default = encoder_by_hand(model, x, {**ADAPTERHUB_DEFAULTS["SeqBnConfig"], **kwargs,
+                                                       "original_ln_before": True})
+            assert (ours - seqbn_default).abs().max() > 0.05 * ref.abs().max()
+
+
+def test_the_side_env_skips_only_offline_and_uncached(monkeypatch, tmp_path):
+    """``adapterhub_env``: a cached env is used without the network (pip never runs); not cached and
+    PyPI unreachable raises NoNetwork (the comparison tests then skip) before pip runs; not cached,
+    PyPI reachable and pip failing is an AdapterHubError (the tests fail, they do not skip)."""
+    import subprocess
+    from pathlib import Path
+    monkeypatch.delenv("PFS_ADAPTERHUB", raising=False)
+    monkeypatch.setattr(adapterhub, "cache_dir", lambda: tmp_path)
+    pip_calls = []
+
+    def failing_pip(*args, **kwargs):
+        pip_calls.append(args)
+        return subprocess.CompletedProcess(args, 1, stdout="", stderr="ERROR: no matching distribution")
+    monkeypatch.setattr(adapterhub.subprocess, "run", failing_pip)
+    monkeypatch.setattr(adapterhub, "pypi_reachable", lambda timeout=10.0: False)
+    with pytest.raises(adapterhub.NoNetwork, match="PyPI .* unreachable and the AdapterHub env .* is not cached"):
+        adapterhub.adapterhub_env()
+    assert not pip_calls
+    monkeypatch.setattr(adapterhub, "pypi_reachable", lambda timeout=10.0: True)
+    with pytest.raises(adapterhub.AdapterHubError, match="pip could not install") as failed:
+        adapterhub.adapterhub_env()
+    assert not isinstance(failed.value, adapterhub.NoNetwork) and len(pip_calls) == 1
+    assert not list(tmp_path.iterdir()), "a failed install must leave no folder behind"
+    monkeypatch.setattr(adapterhub, "pypi_reachable", lambda timeout=10.0: False)
+    with pytest.raises(adapterhub.NoNetwork) as offline:
+        adapterhub.adapterhub_env()
+    import re
+    cached = Path(re.search(r"is not cached in (.*?); run once", str(offline.value))[1])   # the folder it looks for
+    assert cached.parent == tmp_path
+    cached.mkdir()                                          # as a previous run leaves it
+    assert adapterhub.adapterhub_env() == cached and len(pip_calls) == 1
 
 
 def test_compare_refuses_what_adapterhub_cannot_mirror():

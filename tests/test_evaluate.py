@@ -40,16 +40,40 @@ def test_label_word_accuracy_reads_the_answer_position(smol):  # noqa: F811
                                         data.SST2_WORDS, batch_size=2) == 1.0
     assert evaluate.label_word_accuracy(Oracle(smol, wrong, ids, len(smol)), smol, ROWS, data.sst2_generation_example,
                                         data.SST2_WORDS, batch_size=3) == 0.0
-    assert smol.padding_side == "left" or smol.padding_side == "right"   # restored, whatever it was
 
 
-def test_label_word_accuracy_with_a_soft_prompt_equals_scoring_one_row_at_a_time(smol):  # noqa: F811
-    torch.manual_seed(0)
-    model = core.add_adapter(tiny_llama(vocab_size=len(smol)), PromptTuningConfig(num_virtual_tokens=3))
-    batched = evaluate.label_word_accuracy(model, smol, ROWS, data.sst2_generation_example, data.SST2_WORDS, batch_size=5)
-    single = [evaluate.label_word_accuracy(model, smol, ROWS.select([i]), data.sst2_generation_example, data.SST2_WORDS)
-              for i in range(len(ROWS))]
-    assert batched == pytest.approx(sum(single) / len(single))   # right padding keeps every answer position
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_the_padding_side_and_the_mode_are_restored(smol, side):  # noqa: F811
+    before = smol.padding_side
+    model = tiny_llama(vocab_size=len(smol)).train()
+    try:
+        smol.padding_side = side
+        evaluate.label_word_logits(model, smol, ROWS.select([0, 3]), data.sst2_generation_example, data.SST2_WORDS)
+        assert smol.padding_side == side and model.training
+    finally:
+        smol.padding_side = before
+
+
+@pytest.mark.parametrize("config", [None, PromptTuningConfig(num_virtual_tokens=3)], ids=["plain", "soft-prompt"])
+def test_label_word_logits_of_a_padded_batch_equal_scoring_one_row_at_a_time(smol, config):  # noqa: F811
+    """Each row's label-word logits in a batch of 5 prompts of different lengths (right-padded) equal
+    those of the row alone (no padding), to float32 rounding. Reading the last *padded* position
+    instead of the last real one changes them by ~1 (and the accuracy over these 5 rows not at all:
+    a random tiny model predicts one class for every row, so accuracy is no evidence here)."""
+    model = tiny_llama(vocab_size=len(smol))
+    if config is not None:
+        torch.manual_seed(0)
+        model = core.add_adapter(model, config)
+    enc = smol([data.chat_prompt(smol, data.sst2_generation_example(r)[0]) for r in ROWS], add_special_tokens=False)
+    lengths = {len(i) for i in enc["input_ids"]}
+    assert len(lengths) > 1, "the rows must differ in length, or the batch has no padding"
+    batched = evaluate.label_word_logits(model, smol, ROWS, data.sst2_generation_example, data.SST2_WORDS, batch_size=5)
+    single = torch.cat([evaluate.label_word_logits(model, smol, ROWS.select([i]), data.sst2_generation_example,
+                                                   data.SST2_WORDS) for i in range(len(ROWS))])
+    assert batched.shape == (5, 2)
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5 * single.abs().max().item())
+    accuracy = evaluate.label_word_accuracy(model, smol, ROWS, data.sst2_generation_example, data.SST2_WORDS, batch_size=5)
+    assert accuracy == (single.argmax(-1) == torch.tensor(ROWS["label"])).sum().item() / len(ROWS)
 
 
 def test_multi_token_label_words_are_refused(smol):  # noqa: F811

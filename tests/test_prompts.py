@@ -7,7 +7,7 @@ parameters after 5 AdamW steps on the same batches, and greedy generation.
 
 Tolerance: assert_close(rtol=1e-5, atol=1e-6 x the reference tensor's largest entry). Observed:
 bit-identical (0.0) logits, gradients and parameters for prefix, prompt tuning and P-tuning, on
-tiny_llama and SmolLM2; prefix with projection on tiny_llama differs by at most 3e-7 (logits),
+tiny_llama and SmolLM2, on full and on left- or right-padded batches; prefix with projection on tiny_llama differs by at most 3e-7 (logits),
 4e-7 (gradients) and 1e-6 (parameters after 5 steps), relative to the largest entry (peft runs the
 MLP on a batch of identical rows, we run it once and expand, so sums are taken in another order).
 """
@@ -78,30 +78,60 @@ def make_pair(base, config, seed=1):
     return ours, theirs, pairs
 
 
-def compare(ours, theirs, pairs, data):
-    """Asserts equality within the tolerance; returns the largest relative differences seen."""
+def compare(ours, theirs, pairs, data, rtol=RTOL, atol=ATOL, param_outliers=0.0):
+    """Asserts equality within the tolerance; returns the largest relative differences seen.
+
+    The logits at step 0 and every gradient are always held to RTOL/ATOL (the function and its
+    backward); ``rtol``/``atol`` may relax the later logits and the parameters, and ``param_outliers``
+    lets that fraction of the parameters differ by more: Adam's sign-noise outliers (tests/helpers.py,
+    ``compare_with_peft``), which appear only when the gradients differ by rounding."""
     diffs = {"logits": 0.0, "grads": 0.0, "params": 0.0}
 
-    def check(a, b, what):
+    def check(a, b, what, rtol=rtol, atol=atol):
         scale = max(b.abs().max().item(), 1e-30)
         diffs[what.split()[0]] = max(diffs[what.split()[0]], (a - b).abs().max().item() / scale)
-        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL * max(scale, 1.0), msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol * max(scale, 1.0), msg=lambda m: f"{what}: {m}")
 
     mine = {k: a for k, (a, _) in pairs.items()}
     other = {k: b for k, (_, b) in pairs.items()}
     opt_a, opt_b = torch.optim.AdamW(mine.values(), lr=LR), torch.optim.AdamW(other.values(), lr=LR)
     for step in range(STEPS):
         a, b = ours(**data[step % len(data)]), theirs(**data[step % len(data)])
-        check(a.logits, b.logits, f"logits at step {step}")
-        check(a.loss, b.loss, f"logits (loss) at step {step}")
+        tol = dict(rtol=RTOL, atol=ATOL) if step == 0 else {}
+        check(a.logits, b.logits, f"logits at step {step}", **tol)
+        check(a.loss, b.loss, f"logits (loss) at step {step}", **tol)
         a.loss.backward(), b.loss.backward()
         if step == 0:
             for k in mine:
-                check(mine[k].grad, other[k].grad, f"grads of {k}")
+                check(mine[k].grad, other[k].grad, f"grads of {k}", rtol=RTOL, atol=ATOL)
         opt_a.step(), opt_b.step(), opt_a.zero_grad(), opt_b.zero_grad()
+    outside = total = 0
     for k in mine:
-        check(mine[k].detach(), other[k].detach(), f"params {k} after {STEPS} steps")
+        a, b = mine[k].detach(), other[k].detach()
+        if not param_outliers:
+            check(a, b, f"params {k} after {STEPS} steps")
+            continue
+        diffs["params"] = max(diffs["params"], ((a - b).abs().max() / b.abs().max()).item())
+        outside += int(((a - b).abs() > atol * max(b.abs().max().item(), 1.0) + rtol * b.abs()).sum())
+        total += b.numel()
+    assert outside <= param_outliers * total, f"{outside} of {total} parameters differ after {STEPS} steps"
     return diffs
+
+
+def padded_batches(side, n=STEPS, shape=(3, 10)):
+    """Batches of 3 rows with 0, 3 and 6 pad tokens (id 0) on ``side``; no loss on the padding."""
+    out = []
+    for i in range(n):
+        x = tokens(i, shape=shape)
+        mask = torch.ones_like(x)
+        for row, pad in ((1, 3), (2, 6)):
+            if side == "left":
+                mask[row, :pad] = 0
+            else:
+                mask[row, shape[1] - pad:] = 0
+        x = x.masked_fill(mask == 0, 0)
+        out.append({"input_ids": x, "attention_mask": mask, "labels": x.masked_fill(mask == 0, -100)})
+    return out
 
 
 def greedy(model, x, n=6):
@@ -118,6 +148,63 @@ def test_matches_peft_on_tiny_llama(name):
     print(name, compare(ours, theirs, pairs, batches(STEPS)))
     x = tokens(9, shape=(1, 7))
     assert torch.equal(greedy(ours, x), greedy(theirs, x))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", list(configs()))
+def test_matches_peft_on_padded_batches(name, side):
+    """Rows of 10, 7 and 4 real tokens, padded left or right, with the mask saying so. Observed:
+    bit-identical logits, gradients and parameters after 5 steps for prefix, prompt tuning and
+    P-tuning, and this test keeps them so (0.0 is asserted, not a tolerance). The projected prefix
+    differs by float32 rounding (its MLP sums in another order, see the module docstring): its
+    logits at step 0 and its gradients are held to the usual tolerance; 5 Adam steps at lr 1e-2 turn
+    rounding into sign-noise outliers (one of 768 weights off by 1.6e-4 here), so after them the logits
+    and parameters are held to 1e-4 relative, with at most 0.5% of the parameters outside."""
+    ours, theirs, pairs = make_pair(tiny_llama(), configs(hidden=24)[name])
+    if name == "prefix-projection":
+        diffs = compare(ours, theirs, pairs, padded_batches(side), rtol=1e-4, atol=1e-4, param_outliers=5e-3)
+        assert max(diffs.values()) > 0        # if it becomes exact, tighten this to 0.0 like the others
+    else:
+        diffs = compare(ours, theirs, pairs, padded_batches(side))
+        assert diffs == {"logits": 0.0, "grads": 0.0, "params": 0.0}, diffs
+
+
+def generate_logits(model, x, mask, n=6):
+    """Greedy tokens and the raw logits at every generation step (batch, n, vocab)."""
+    with torch.no_grad():
+        out = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+@pytest.mark.parametrize("name", list(configs()))
+def test_left_padded_batched_generation(name):
+    """A batch of two prompts, the first left-padded by 3, generated greedily (``generate`` builds
+    position ids from the mask). Ours equals peft exactly, tokens and logits. What the padding does to
+    positions (``soft_prompt``'s docstring): prefix tuning shifts the given position ids by n, so the
+    padded row gets the positions it has alone and its logits equal those of the row alone (to float32
+    rounding); prompt tuning and P-tuning drop position ids, as peft does, so positions run 0..n+T-1
+    over the pad slots too and the padded row's logits move (observed: by 2e-3 (P-tuning) and 4e-3
+    (prompt tuning), logits of ~0.5) -- in ours and in peft alike. The unpadded row is unaffected."""
+    ours, theirs, _ = make_pair(tiny_llama(), configs(hidden=24)[name])
+    x = tokens(9, shape=(2, 8))
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    x = x.masked_fill(mask == 0, 0)
+    seq, logits = generate_logits(ours, x, mask)
+    seq_peft, logits_peft = generate_logits(theirs, x, mask)
+    assert torch.equal(seq, seq_peft) and torch.equal(logits, logits_peft)
+    scale = logits.abs().max().item()
+    _, alone = generate_logits(ours, x[:1, 3:], mask[:1, 3:])
+    _, alone_peft = generate_logits(theirs, x[:1, 3:], mask[:1, 3:])
+    _, full = generate_logits(ours, x[1:], mask[1:])
+    torch.testing.assert_close(logits[1], full[0], rtol=0, atol=1e-6 * scale)
+    shift, shift_peft = (logits[0] - alone[0]).abs().max().item(), (logits_peft[0] - alone_peft[0]).abs().max().item()
+    if name.startswith("prefix"):
+        assert shift <= 1e-6 * scale and shift_peft <= 1e-6 * scale, (shift, shift_peft)
+    else:
+        assert 1e-4 * scale < shift < 1e-1 * scale, f"padded row moved by {shift / scale:.1e} of the logits"
+        assert shift == shift_peft
 
 
 @pytest.mark.slow

@@ -25,16 +25,23 @@ import pytest
 import torch
 from torch import nn
 
-bnb = pytest.importorskip("bitsandbytes")
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from peft_from_scratch import core, models  # noqa: E402
-from peft_from_scratch.quantized import linear4bit  # noqa: E402
-from peft_from_scratch.reparameterized.lora import LoRAConfig  # noqa: E402
-from peft_from_scratch.optim import PagedAdamW, make_paged_adamw, optimizer_state_bytes  # noqa: E402
-from peft_from_scratch.quantized.qlora import is_checkpointing, peft_style_parameter_count, prepare_qlora  # noqa: E402
-from peft_from_scratch.training import TrainConfig, make_adamw, train  # noqa: E402
+from peft_from_scratch import core, models
+from peft_from_scratch.quantized import linear4bit
+from peft_from_scratch.reparameterized.dora import DoRAConfig
+from peft_from_scratch.reparameterized.lora import LoRAConfig
+from peft_from_scratch.optim import PagedAdamW, make_paged_adamw, optimizer_state_bytes
+from peft_from_scratch.quantized.qlora import is_checkpointing, peft_style_parameter_count, prepare_qlora
+from peft_from_scratch.training import TrainConfig, make_adamw, train
+
+try:   # only the comparisons with bitsandbytes need it: PagedAdamW, prepare_qlora and the errors do not
+    import bitsandbytes as bnb
+except ImportError:
+    bnb = None
+NO_BNB = "bitsandbytes is not installed: this test compares with its 4-bit layers (pip install bitsandbytes)"
+needs_bnb = pytest.mark.skipif(bnb is None, reason=NO_BNB)
 
 R, ALPHA, STEPS, LR = 8, 16, 3, 1e-3
 LOGITS_ATOL = 1e-4      # logits of size ~35; float32 rounding of another summation order is ~1e-5
@@ -49,6 +56,8 @@ from tests.helpers import one_thread  # noqa: E402,F401  (autouse, module scope:
 @pytest.fixture(scope="module")
 def smollm2_pair(one_thread):
     """(ours, peft's, [(our tensor, peft's tensor) for every LoRA A and B]) with identical LoRA weights."""
+    if bnb is None:
+        pytest.skip(NO_BNB)
     try:
         path = models.local_path(models.SMOLLM2)
     except models.ModelNotAvailable as e:
@@ -105,6 +114,7 @@ def assert_same_quantized_weights(ours, theirs):
         assert qs.state2.blocksize == m.blocksize2 == 256 and tuple(qs.shape) == tuple(m.weight_shape)
 
 
+@pytest.mark.slow   # SmolLM2, 4-bit twice
 def test_same_quantized_weights_as_bitsandbytes(smollm2_pair):
     ours, theirs, _ = smollm2_pair
     assert_same_quantized_weights(ours, theirs)
@@ -113,6 +123,7 @@ def test_same_quantized_weights_as_bitsandbytes(smollm2_pair):
         + 4 * (w.weight.quant_state.state2.absmax.numel() + 1) for w in bnb_layers(theirs).values())
 
 
+@pytest.mark.slow   # SmolLM2, 4-bit twice
 def test_same_trainable_parameters_as_peft(smollm2_pair):
     ours, theirs, _ = smollm2_pair
     assert peft_style_parameter_count(ours) == theirs.get_nb_trainable_parameters()
@@ -122,6 +133,7 @@ def test_same_trainable_parameters_as_peft(smollm2_pair):
     assert not isinstance(ours.lm_head, linear4bit.Linear4bit) and is_checkpointing(ours)
 
 
+@pytest.mark.slow   # SmolLM2, 4-bit twice
 def test_same_logits_as_bitsandbytes_and_peft(smollm2_pair):
     ours, theirs, _ = smollm2_pair
     ids = input_ids()
@@ -130,6 +142,7 @@ def test_same_logits_as_bitsandbytes_and_peft(smollm2_pair):
     torch.testing.assert_close(mine, ref, rtol=0, atol=LOGITS_ATOL)
 
 
+@pytest.mark.slow   # SmolLM2, 4-bit twice
 def test_lora_weights_agree_after_adamw_steps_and_base_is_unchanged(smollm2_pair):
     ours, theirs, pairs = smollm2_pair
     before = [(a.detach().clone(), b.detach().clone()) for a, b in pairs]
@@ -156,6 +169,69 @@ def test_lora_weights_agree_after_adamw_steps_and_base_is_unchanged(smollm2_pair
             for (mine, their), (m0, t0) in zip(pairs, before):
                 mine.copy_(m0)
                 their.copy_(t0)
+
+
+# ----------------------------------------------------------------------------- tiny Llama, bf16 compute: the recipe's setting
+
+def tiny_pair(folder, compute_dtype, r=4, alpha=8):
+    """Ours (``prepare_qlora``) and bnb + peft (``BitsAndBytesConfig``, ``prepare_model_for_kbit_training``)
+    on the tiny Llama saved in ``folder``, with the same random B; both in training mode (module docstring)."""
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=compute_dtype)
+    theirs = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu")
+    theirs = prepare_model_for_kbit_training(theirs, use_gradient_checkpointing=True,
+                                             gradient_checkpointing_kwargs={"use_reentrant": False})
+    theirs = get_peft_model(theirs, LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear"))
+    ours = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    prepare_qlora(ours, LoRAConfig(r=r, alpha=alpha, target_modules="all-linear"), compute_dtype=compute_dtype)
+    modules, pairs, g = dict(theirs.named_modules()), [], torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, layer in core.adapter_layers(ours).items():
+            layer.lora.B.copy_(torch.randn(layer.lora.B.shape, generator=g) * 0.1)
+            other = modules["base_model.model." + name]
+            for mine, their in ((layer.lora.A, other.lora_A["default"].weight),
+                                (layer.lora.B, other.lora_B["default"].weight)):
+                their.copy_(mine)
+                pairs.append((mine, their))
+    return ours.train(), theirs.train(), pairs
+
+
+@needs_bnb
+def test_bf16_compute_equals_bitsandbytes_and_peft(tmp_path):
+    """``bnb_4bit_compute_dtype=torch.bfloat16``, the QLoRA recipe's setting (ours: ``compute_dtype``).
+    Observed: logits, loss, every LoRA gradient and the LoRA weights after 3 AdamW steps bit-identical
+    (both dequantize to float32, cast to bf16, matmul in bf16, cast back). Asserted with the float32
+    tolerances of the SmolLM2 test scaled to these sizes (logits ~1: 1e-6; a different but equal
+    summation order would show as ~1e-7 relative), and bf16 must differ from float32 compute
+    (by ~1e-2 relative: bf16 has 8 bits of mantissa), so the setting is really in effect."""
+    models.tiny_llama(hidden_size=128).save_pretrained(tmp_path)
+    ours, theirs, pairs = tiny_pair(tmp_path, torch.bfloat16)
+    assert all(l.base_layer.compute_dtype == torch.bfloat16 for l in core.adapter_layers(ours).values())
+    ids = input_ids((2, 12), seed=1) % 128
+    bases = [l.base_layer for l in core.adapter_layers(ours).values()]
+    with torch.no_grad():
+        for b in bases:
+            b.compute_dtype = torch.float32
+        full = ours(input_ids=ids).logits          # the same model computing in float32
+        for b in bases:
+            b.compute_dtype = torch.bfloat16
+    opts = [torch.optim.AdamW([p for p, _ in pairs], lr=LR), torch.optim.AdamW([q for _, q in pairs], lr=LR)]
+    for step in range(STEPS):
+        a, b = ours(input_ids=ids, labels=ids), theirs(input_ids=ids, labels=ids)
+        scale = b.logits.abs().max().item()
+        torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-6 * scale, msg=lambda m: f"step {step}: {m}")
+        assert a.loss.item() == pytest.approx(b.loss.item(), abs=1e-6)
+        if step == 0:
+            rel = ((a.logits - full).abs().max() / full.abs().max()).item()
+            assert 1e-4 < rel < 5e-2, f"bf16 vs float32 compute: {rel:.1e}"
+        a.loss.backward(), b.loss.backward()
+        if step == 0:
+            for mine, their in pairs:
+                torch.testing.assert_close(mine.grad, their.grad, rtol=0, atol=1e-6 * their.grad.abs().max().item())
+        for opt in opts:
+            opt.step(), opt.zero_grad()
+    for mine, their in pairs:
+        torch.testing.assert_close(mine, their, rtol=0, atol=LORA_ATOL)
 
 
 # ----------------------------------------------------------------------------- PagedAdamW == AdamW
@@ -290,6 +366,7 @@ def test_an_already_quantized_model_is_refused():
     assert core.adapter_layers(model) == {}
 
 
+@pytest.mark.slow   # SmolLM2, 4-bit twice
 def test_a_bitsandbytes_model_is_refused(smollm2_pair):
     _, theirs, _ = smollm2_pair
     with pytest.raises(ValueError, match="already quantized.*BitsAndBytesConfig"):
@@ -316,6 +393,20 @@ def test_a_lora_config_that_does_not_fit_leaves_the_model_float():
         prepare_qlora(model, blocksize=48)
     assert not any(isinstance(m, linear4bit.Linear4bit) for m in model.modules()) and core.adapter_layers(model) == {}
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_dora_on_a_4bit_base_is_refused_and_changes_nothing():
+    """DoRA takes row norms of W0, which a 4-bit layer does not hold as floats (README: the method
+    cannot wrap the module); LoRA on the same base is the way (QLoRA)."""
+    model = linear4bit.quantize_model(models.tiny_llama(hidden_size=64))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NotImplementedError, match=r"DoRA needs a floating-point base weight.*torch\.uint8 \(quantized\)"
+                                                  r".*Use LoRA on a 4-bit base"):
+        core.add_adapter(model, DoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert getattr(model, "adapter_config", None) is None and not core.adapter_layers(model)
+    assert model.state_dict().keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(NotImplementedError, match="DoRA needs a floating-point base weight"):
+        prepare_qlora(models.tiny_llama(hidden_size=64), DoRAConfig(r=2), gradient_checkpointing=False)
 
 
 def test_gradient_checkpointing_needs_a_model_that_supports_it():

@@ -6,7 +6,8 @@ the shapes are small, but they cover what matters to the kernels: empty rows, a 
 from one entry to nearly dense, token counts and row lengths that are not multiples of the block sizes.
 
 Tolerances: the kernels sum in float32 in another order than the dense matmul of the reference, so
-``assert_close(rtol=1e-5, atol=1e-6 * max(1, max|ref|))``, as everywhere in the tests.
+``assert_close(rtol=1e-5, atol=1e-6 * max(1, max|ref|))``, as everywhere in the tests; bfloat16
+inputs are held to one bf16 ulp of the float32-accumulated sum (``test_bfloat16_inputs_accumulate_in_float32``).
 """
 import os
 
@@ -85,13 +86,44 @@ def test_default_blocks_with_ragged_edges():
     assert sp.sddmm_triton(grad_out, x, empty_col, empty_col).shape == (0,)
 
 
+def bf16_ulp(t: torch.Tensor) -> torch.Tensor:
+    """The spacing of bfloat16 numbers at |t| (8 significant bits: 2^(floor(log2 |t|) - 7))."""
+    return torch.finfo(torch.bfloat16).eps * 2.0 ** torch.floor(torch.log2(t.abs().clamp(min=1e-30)))
+
+
+def spmm_accumulating_in_bfloat16(x, values, crow, col, d_out, block_nnz):
+    """What a kernel that keeps its running sum in bfloat16 computes: each block of ``block_nnz``
+    products summed in float32 (the kernel's reduce), then added to a bfloat16 accumulator."""
+    out = torch.zeros(d_out, x.shape[0], dtype=torch.bfloat16, device=x.device)
+    for i in range(d_out):
+        acc = out[i]
+        for k0 in range(int(crow[i]), int(crow[i + 1]), block_nnz):
+            k = torch.arange(k0, min(k0 + block_nnz, int(crow[i + 1])), device=x.device)
+            acc = (acc.float() + (x[:, col[k].long()].float() * values[k]).sum(1)).bfloat16()
+        out[i] = acc
+    return out.T
+
+
 @needs_triton
 def test_bfloat16_inputs_accumulate_in_float32():
-    crow, col, values, x, grad_out = problem(16, 48, 20, 0.3, seed=1)
-    out = sp.spmm_triton(x.bfloat16(), values, crow, col, (16, 48))
+    """bf16 x, float32 values, rows of ~256 entries in blocks of 8: the kernel's output is within one
+    bf16 ulp of the float32-accumulated sum (only the final store rounds: to nearest on a GPU, by
+    truncation in Triton's CPU interpreter, hence one ulp and not half), while a bf16 running sum,
+    rounded after every block, is off by ~100 ulps here. The reference is computed both ways, and the
+    bf16-accumulated one must fail the bound the kernel meets, so the bound can tell them apart."""
+    g = torch.Generator().manual_seed(1)
+    d_out, d_in, n, block_nnz = 8, 512, 16, 8
+    mask = torch.rand(d_out, d_in, generator=g) < 0.5               # no empty row: every output nonzero
+    crow, col = (t.to(DEVICE) for t in sp.csr_from_mask(mask))
+    values = torch.randn(col.numel(), generator=g).to(DEVICE)
+    x = torch.randn(n, d_in, generator=g).bfloat16().to(DEVICE)
+    out = sp.spmm_triton(x, values, crow, col, (d_out, d_in), block_n=16, block_nnz=block_nnz)
     assert out.dtype == torch.bfloat16
-    ref = sp.spmm_reference(x.bfloat16().float(), values, crow, col, (16, 48))
-    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+    ref32 = sp.spmm_reference(x.float(), values, crow, col, (d_out, d_in))      # float32 accumulation
+    ref16 = spmm_accumulating_in_bfloat16(x, values, crow, col, d_out, block_nnz)
+    ulps = lambda y: ((y.float() - ref32).abs() / bf16_ulp(ref32)).max().item()
+    assert ulps(out) < 1.0, f"the kernel is {ulps(out):.2f} bf16 ulps from the float32-accumulated sum"
+    assert ulps(ref16) > 8.0, f"a bf16 accumulator is only {ulps(ref16):.2f} ulps off: the test cannot tell"
 
 
 @needs_triton

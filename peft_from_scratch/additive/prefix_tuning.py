@@ -52,13 +52,19 @@ class PrefixEncoder(SoftPrompt):
         p = self.embedding.weight
         return self.transform(p) if self.projection else p
 
-    def prefix_cache(self, batch: int, cache: Cache | None = None) -> Cache:
-        """The prefix as a KV cache: layer l gets keys/values of shape (batch, kv_heads, n, head_dim)."""
+    def prefix_cache(self, batch: int, cache: Cache | None = None, dtype: torch.dtype | None = None) -> Cache:
+        """The prefix as a KV cache: layer l gets keys/values of shape (batch, kv_heads, n, head_dim).
+
+        ``dtype``: the attention's (the base model's); a float32 prefix on a bf16/fp16 model is cast to
+        it, as peft does (``past_key_values.to(base_model_torch_dtype)``): attention needs one dtype.
+        Cast after the expansion to the batch, as peft, so the backward sums the batch in float32."""
         n = self.num_virtual_tokens
         kv = self.prefix().view(n, 2 * self.num_layers, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
         cache = DynamicCache() if cache is None else cache           # kv: (2L, kv_heads, n, head_dim)
         for layer in range(self.num_layers):
             k, v = (kv[2 * layer + i].unsqueeze(0).expand(batch, -1, -1, -1) for i in (0, 1))
+            if dtype is not None:
+                k, v = k.to(dtype), v.to(dtype)
             cache.update(k, v, layer)
         return cache
 
@@ -66,7 +72,8 @@ class PrefixEncoder(SoftPrompt):
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + self.num_virtual_tokens
         if prefill:
-            kwargs["past_key_values"] = self.prefix_cache(batch, kwargs.get("past_key_values"))
+            dtype = model.get_input_embeddings().weight.dtype          # the base model's
+            kwargs["past_key_values"] = self.prefix_cache(batch, kwargs.get("past_key_values"), dtype)
 
     @torch.no_grad()
     def fold(self) -> None:

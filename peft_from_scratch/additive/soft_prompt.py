@@ -14,6 +14,16 @@ forward pre-hook that rewrites the call ``model(input_ids, attention_mask, label
 
 So ``model(...)``, a training loop and ``model.generate(...)`` work unchanged. (Calling
 ``model.forward`` directly skips the hook, and with it the prompt.)
+
+Padding, and what it does to positions (as in peft; ``tests/test_prompts.py`` checks both against
+peft on left- and right-padded batches). The mask hides pad tokens from attention either way. A
+forward pass without position ids numbers the positions 0..n+T-1, pad slots included, so a
+*left*-padded row's real tokens sit further right than they would alone. ``generate`` passes
+position ids computed from the mask (the pad slots skipped): prefix tuning shifts them by n and a
+padded row then generates exactly as it would alone; prompt tuning and P-tuning drop them (peft
+too: "Position ids are not supported"), so a left-padded row's logits move slightly (2e-3 to 4e-3
+on the tiny test Llama) against the same row alone. Right padding (what ``evaluate.label_word_logits``
+uses) moves nothing in front of the real tokens.
 """
 from __future__ import annotations
 
@@ -86,7 +96,9 @@ class EmbeddingPrompt(SoftPrompt):
         n, embeds = self.num_virtual_tokens, kwargs.get("inputs_embeds")
         if embeds is None:
             embeds = model.get_input_embeddings()(kwargs["input_ids"])
-        prompts = self.prompts().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)   # (batch, n, d)
+        # Expand, then cast (as peft): on a bf16/fp16 model the backward then sums the batch's gradients
+        # of a float32 prompt in float32, not in the model's dtype.
+        prompts = self.prompts().unsqueeze(0).expand(batch, -1, -1).to(embeds.dtype)   # (batch, n, d)
         kwargs["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)                    # (batch, n + T, d)
         kwargs["input_ids"] = None
         if kwargs.get("labels") is not None:

@@ -1,7 +1,7 @@
 """The score-and-mask piece: accumulate gradient statistics, then keep the top-k entries per tensor.
 
 Sparse and selective methods choose *which* weights to train from gradients: RoSA (Nikdan et al.
-2024) the entries of its sparse update, Child-Tuning (Xu et al. 2021) and Fu et al. (2023) a mask
+2024) the entries of its sparse update, Child-Tuning (Xu et al. 2021b) and Fu et al. (2023) a mask
 on the network's own weights. Each does the same two things:
 
 1. **score**: run some batches and accumulate a statistic of each weight's gradient, most often

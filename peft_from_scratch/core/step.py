@@ -17,7 +17,7 @@ steps of other shapes without a second loop:
 * ``BackpropStep``: backward on each micro-batch, clip, ``optimizer.step()`` (the default; any
   ``torch.optim`` optimizer, e.g. a paged or projected one, through ``make_optimizer``);
 * ``selective.MaskedGradientStep``: a burn-in that only accumulates gradient statistics, then
-  training through a fixed gradient mask (Child-Tuning, Xu et al. 2021; Fu et al. 2023);
+  training through a fixed gradient mask (Child-Tuning, Xu et al. 2021b; Fu et al. 2023);
 * updates applied inside backward hooks, with no stored gradients (LOMO), or forward passes only
   (MeZO): a step that calls ``forward`` under ``torch.no_grad`` or registers its own hooks
   (``tests/test_steps.py`` builds both in a few lines and runs them through ``train``).

@@ -14,6 +14,10 @@ holding exactly the pins of ``requirements/adapterhub.txt`` (adapters, transform
 hub/tokenizers versions it needs); torch, numpy, safetensors and the rest come from the project's
 venv. The two sides exchange only safetensors files and JSON.
 
+**Without it.** With no cached env and no PyPI (or ``PFS_ADAPTERHUB=off``), ``compare`` raises
+``NoNetwork`` before running anything of AdapterHub's; notebook 06 then says so and checks against
+the paper's equations alone.
+
 **How it is cached.** ``adapterhub_env()`` installs those pins once, with
 ``pip install --no-deps --target``, into ``$PFS_CACHE/adapterhub-<hash>`` (default
 ``~/.cache/peft_from_scratch``); the hash covers the requirement lines and the Python version, so
@@ -116,13 +120,21 @@ def requirement_lines() -> list[str]:
 def adapterhub_env() -> Path:
     """The cached folder holding requirements/adapterhub.txt, installed on first use (see the docstring).
 
-    Raises ``NoNetwork`` if it must be installed and PyPI is unreachable, ``AdapterHubError`` if pip fails.
+    Raises ``NoNetwork`` if it must be installed and PyPI is unreachable (checked before pip runs:
+    a cached env never needs the network), or if ``$PFS_ADAPTERHUB`` is
+    ``off`` (the offline path on demand, for its tests); ``AdapterHubError`` if pip fails.
     """
+    if os.environ.get("PFS_ADAPTERHUB") == "off":
+        raise NoNetwork("PFS_ADAPTERHUB=off: the AdapterHub side environment is switched off, as on a machine "
+                        "where it is not cached and PyPI cannot be reached")
     pins = requirement_lines()
     key = hashlib.sha256("\n".join(pins + [sys.version.split()[0]]).encode()).hexdigest()[:12]
     target = cache_dir() / f"adapterhub-{key}"
     if target.is_dir():
-        return target
+        return target                       # cached: no network needed
+    if not pypi_reachable():                # not cached and offline: say so at once (pip would retry for minutes)
+        raise NoNetwork(f"no network: PyPI (pypi.org) is unreachable and the AdapterHub env ({', '.join(pins)}) "
+                        f"is not cached in {target}; run once with network access, or copy that folder there")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp.", dir=target.parent))
     try:

@@ -130,7 +130,9 @@ def quantize_model(model: nn.Module, target_modules: list[str] | str = "all-line
 
     ``target_modules`` has ``core.find_targets``' meaning: "all-linear" is every linear layer but the
     output head (QLoRA's choice), a list matches names or name suffixes, a string is a regex. Layers
-    already quantized are left alone. kwargs go to ``quantize_4bit`` (``blocksize2``, ``dq_rounding``).
+    already quantized are left alone. kwargs go to ``quantize_4bit`` (``blocksize2``, ``dq_rounding``,
+    ``allow_nonfinite``). Every layer is quantized before any is replaced, so an error (e.g. a weight
+    with NaN or inf, named with its layer) leaves the model unchanged.
     """
     targets = find_targets(model, target_modules)
     wrong = [(n, type(model.get_submodule(n)).__name__) for n in targets
@@ -138,11 +140,17 @@ def quantize_model(model: nn.Module, target_modules: list[str] | str = "all-line
     if wrong:
         raise TypeError("only nn.Linear layers can be quantized; these targets are not: "
                         + ", ".join(f"{n} ({t})" for n, t in wrong[:5]))
+    new_layers = {}
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, Linear4bit):
-            set_module(model, name, Linear4bit.from_linear(module, quant_type, blocksize, double_quant,
-                                                                 compute_dtype, **kwargs))
+            try:
+                new_layers[name] = Linear4bit.from_linear(module, quant_type, blocksize, double_quant,
+                                                          compute_dtype, **kwargs)
+            except ValueError as e:
+                raise ValueError(f"{name}.weight: {e}") from e
+    for name, layer in new_layers.items():
+        set_module(model, name, layer)
     return model
 
 

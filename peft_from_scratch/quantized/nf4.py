@@ -290,7 +290,8 @@ def packed_fingerprint(packed: torch.Tensor, shape, blocksize: int, quant_type: 
 
 @register("nf4", family="quantized", kind="quantization", paper="dettmers2023qlora")
 def quantize_4bit(W: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                  blocksize2: int = 256, dq_rounding: str = "lut") -> tuple[torch.Tensor, QuantState]:
+                  blocksize2: int = 256, dq_rounding: str = "lut",
+                  allow_nonfinite: bool = False) -> tuple[torch.Tensor, QuantState]:
     """Block-wise 4-bit quantization of W (any shape): (packed uint8 of shape (ceil(n/2), 1), state).
 
     Equals ``bnb.functional.quantize_4bit(W, blocksize=blocksize, quant_type=quant_type,
@@ -300,15 +301,25 @@ def quantize_4bit(W: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     ``double_quant``: offset = mean(absmax), then ``quantize_blockwise(absmax - offset, dynamic_code(),
     blocksize2, dq_rounding)``; ``dq_rounding="lut"`` reproduces bnb's native CPU library.
 
+    NaN and inf. A block's absmax is then NaN or inf, and every value of the block dequantizes to NaN
+    or +-inf (x / inf = 0 and 0 * inf = NaN); with double quantization the offset, mean(absmax), is
+    NaN or inf too, so *every* block of the tensor comes back NaN. bitsandbytes quantizes such a
+    tensor silently. We refuse it (a diverged or corrupted weight is a bug to see, not to store), with
+    the count and the first position; ``allow_nonfinite=True`` quantizes it as bitsandbytes does,
+    byte for byte (``tests/test_nf4.py``).
+
     Raises:
         TypeError: W is not a floating-point tensor.
-        ValueError: W is empty, or blocksize / blocksize2 / quant_type / dq_rounding is not supported.
+        ValueError: W is empty, holds NaN or inf (unless ``allow_nonfinite``), or blocksize /
+            blocksize2 / quant_type / dq_rounding is not supported.
     """
     if not isinstance(W, torch.Tensor) or not W.dtype.is_floating_point:
         what = W.dtype if isinstance(W, torch.Tensor) else type(W).__name__
         raise TypeError(f"4-bit quantization needs a floating-point tensor (float32, float16, bfloat16), got {what}")
     if W.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(W.shape)})")
+    if not allow_nonfinite:
+        check_finite(W, blocksize)
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     _check_blocksize(blocksize)
@@ -334,6 +345,23 @@ def quantize_4bit(W: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
         state.blocksize2, state.dq_rounding = blocksize2, dq_rounding
     state.fingerprint = packed_fingerprint(packed, W.shape, blocksize, quant_type)
     return packed, state
+
+
+def check_finite(W: torch.Tensor, blocksize: int = 64) -> None:
+    """Raise ValueError if W holds NaN or inf, naming how many, of which kind, and the first one's place."""
+    bad = ~torch.isfinite(W.detach())
+    if not bad.any():
+        return
+    flat = bad.reshape(-1)
+    count, nan = int(flat.sum()), int(torch.isnan(W.detach()).sum())
+    first = int(flat.nonzero()[0])
+    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), W.shape)) if W.dim() else ()
+    raise ValueError(
+        f"cannot quantize a tensor with non-finite values: {count} of its {W.numel()} values "
+        f"({nan} NaN, {count - nan} inf), the first at index {where} (flat {first}, block {first // blocksize} "
+        f"of {blocksize} values). Its block's absmax would be NaN/inf and every value of that block (with "
+        f"double quantization: of the whole tensor) would dequantize to NaN/inf. Fix the weight, or pass "
+        f"allow_nonfinite=True to quantize it anyway, as bitsandbytes does")
 
 
 def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = True,

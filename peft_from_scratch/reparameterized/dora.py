@@ -147,7 +147,7 @@ class DoRA(LoRAVariant):
         Ax = F.linear(x.to(lora.A.dtype), lora.A)
         sB = lora.B * lora.scaling                        # scale the small d_out x r matrix, not the output
         if z.dtype != Ax.dtype:                           # e.g. a bf16 base with a float32 adapter
-            return z + F.linear(Ax, sB).to(z.dtype)
+            return (z + F.linear(Ax, sB)).to(z.dtype)    # add in float32, round once (as peft)
         return z.addmm_(Ax, sB.T)
 
     # -------------------------------------------------------------- merge: W <- W', and back

@@ -71,7 +71,7 @@ class LoRALinear(AdapterLayer):
         if self.variant is not None:
             return self.variant(self, x)
         result = self.base_layer(x)
-        return result + self.lora(x).to(result.dtype)
+        return (result + self.lora(x)).to(result.dtype)   # add in the adapter's dtype, round once (as peft)
 
     def delta_weight(self) -> torch.Tensor:
         """Delta W = (alpha/r) B A, the update merge() adds to W0."""

@@ -190,9 +190,9 @@ class RoSALinear(AdapterLayer):
         if self.merged:
             return result
         if self.r:
-            result = result + self.lora(x).to(result.dtype)
+            result = (result + self.lora(x)).to(result.dtype)    # add in the adapter's dtype, round once
         if self.has_mask:
-            result = result + self.sparse_branch(x).to(result.dtype)
+            result = (result + self.sparse_branch(x)).to(result.dtype)
         return result
 
     # -------------------------------------------------------------- merge, save, load

@@ -1,6 +1,6 @@
 """Training through a gradient mask: a burn-in that only scores the weights, then updates a fixed subset.
 
-Child-Tuning (Xu et al. 2021, "Raise a Child in Large Language Model") updates only a "child
+Child-Tuning (Xu et al. 2021b, "Raise a Child in Large Language Model") updates only a "child
 network" of the pretrained model: its task-driven variant, Child-Tuning_D, scores every weight by
 its Fisher information on the task (the mean squared gradient) and keeps the top share; Fu et al.
 (2023) choose a mask the same way from a second-order approximation. Both are one training step of

@@ -42,7 +42,18 @@ from tqdm import tqdm  # the text bar: it renders in terminals and in committed 
 
 from ..core.step import BackpropStep, Step, make_adamw
 
-__all__ = ["TrainConfig", "History", "train", "evaluate_loss", "set_seed", "lr_multiplier"]
+__all__ = ["TrainConfig", "History", "train", "evaluate_loss", "set_seed", "lr_multiplier", "set_progress"]
+
+_PROGRESS = "bar"
+
+
+def set_progress(mode: str) -> None:
+    """How ``train(progress=True)`` reports: "bar" (a live tqdm bar, for terminals and interactive
+    work) or "line" (one finished line per run: what a committed notebook should show)."""
+    global _PROGRESS
+    if mode not in ("bar", "line"):
+        raise ValueError(f"progress mode must be 'bar' or 'line', got {mode!r}")
+    _PROGRESS = mode
 
 
 @dataclass
@@ -163,7 +174,8 @@ def train(model: nn.Module, train_loader: Iterable[Mapping], config: TrainConfig
     model.train()
     batches = _micro_batches(train_loader, None if config.max_steps else config.epochs)
     tokens, eval_time, start = 0, 0.0, time.perf_counter()
-    bar = tqdm(range(1, total + 1), disable=not progress, desc=desc, unit="step", mininterval=10)  # few updates: keeps notebooks small
+    bar = tqdm(range(1, total + 1), disable=not progress or _PROGRESS == "line", desc=desc, unit="step",
+               mininterval=10)
     for s in bar:  # one optimizer step = grad_accum micro-batches
         micro = [next(batches) for _ in range(config.grad_accum)]
         tokens += sum(_count_tokens(b) for b in micro)
@@ -185,6 +197,9 @@ def train(model: nn.Module, train_loader: Iterable[Mapping], config: TrainConfig
     history.tokens_per_s = tokens / max(history.wall_time_s - eval_time, 1e-9)  # training time only
     history.peak_memory_mb = _peak_memory_mb(device)
     model.train(was_training)
+    if progress and _PROGRESS == "line":
+        print(f"{desc or 'train'}: {total} steps in {history.wall_time_s:.0f} s "
+              f"({history.wall_time_s / total:.2f} s/step), training loss {history.loss[0]:.4f} -> {history.loss[-1]:.4f}")
     return history
 
 

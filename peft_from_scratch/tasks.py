@@ -1,0 +1,500 @@
+"""The two tasks most notebooks train on, sized per profile, and the full fine-tuning baseline on each.
+
+* ``SST2``: all-MiniLM-L6-v2 as a sentence classifier on SST-2; accuracy on the 872 GLUE validation
+  sentences (fewer in smoke runs).
+* ``E2E``: SmolLM2-135M-Instruct on E2E NLG (meaning representation -> restaurant description);
+  multi-reference BLEU on the official test MRs, and held-out loss.
+
+A task fixes the data, the number of optimizer steps and the batch, so that every method a notebook
+compares (and the baseline) trains on the same examples for the same steps. The learning rate is
+picked for each method the same way: a small sweep, scored on a *selection* split that is disjoint
+from the training examples and from the test set (``pick_lr``); the test numbers are then those of
+the picked learning rate.
+
+``full_finetuning(task, run)`` is that sweep for full fine-tuning. Its result is cached in the run's
+results folder under a key of its whole configuration and of the library's source, so within one
+run of the suite (and for the committed run) notebook 01 computes it and the later notebooks read
+the same numbers; a notebook run on its own, or in another profile, computes its own.
+
+Per-example scores (correct or not, per-MR hypotheses) are kept, so that differences between
+methods get paired bootstrap intervals (``verdicts.py``).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import data, evaluate, models
+from .core import count_parameters
+from .training import History, TrainConfig, evaluate_loss, train
+from .verdicts import Interval, bootstrap
+
+# The learning-rate grids each profile sweeps (smoke: one value, only to run the code path).
+SWEEPS = {"smoke": {"full": (5e-5,), "adapter": (1e-3,)},
+          "cpu": {"full": (2e-5, 1e-4), "adapter": (3e-4, 1e-3, 3e-3)},
+          "gpu": {"full": (1e-5, 3e-5, 1e-4), "adapter": (1e-4, 3e-4, 1e-3, 3e-3)}}
+
+
+def cached(results_dir: str | Path, name: str, spec: dict, compute: Callable[[], dict]) -> dict:
+    """``compute()`` once per configuration: read from / written to ``results_dir/baselines``.
+
+    The key covers ``spec`` and the library's source (``notebook.inputs_hash`` without a notebook),
+    so a change of either recomputes; the file records the spec it was computed for.
+    """
+    from .notebook import inputs_hash
+    key = hashlib.sha256((json.dumps(spec, sort_keys=True) + inputs_hash("")).encode()).hexdigest()[:12]
+    path = Path(results_dir) / "baselines" / f"{name}-{key}.json"
+    if path.exists():
+        return {**json.loads(path.read_text())["result"], "cached_from": path.name}
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"spec": spec, "result": result}, indent=1) + "\n")
+    return {**result, "cached_from": None}
+
+
+def pick_lr(fit_and_score: Callable[[float], tuple[float, object]], lrs, higher_is_better: bool = True):
+    """Run ``fit_and_score(lr) -> (selection score, payload)`` for each lr; return (best lr, payload, {lr: score})."""
+    scores, payloads = {}, {}
+    for lr in lrs:
+        scores[lr], payloads[lr] = fit_and_score(lr)
+    best = (max if higher_is_better else min)(scores, key=scores.get)
+    return best, payloads[best], scores
+
+
+# ----------------------------------------------------------------------------- SST-2 with MiniLM
+
+@dataclass
+class SST2:
+    n_train: int
+    n_select: int
+    n_val: int
+    steps: int
+    batch: int = 32
+    max_length: int = 64
+    seed: int = 0
+    profile: str = "cpu"
+
+    PROFILES = {"smoke": dict(n_train=32, n_select=16, n_val=32, steps=2, batch=16),
+                "cpu": dict(n_train=2000, n_select=256, n_val=872, steps=40, batch=16),   # 01 trains 7 of these in 10 min
+                "gpu": dict(n_train=16000, n_select=1000, n_val=872, steps=1500)}
+
+    @classmethod
+    def for_run(cls, run, **overrides) -> "SST2":
+        return cls(**{**cls.PROFILES[run.profile], "seed": run.seed, "profile": run.profile, **overrides})
+
+    def __post_init__(self):
+        self.model, self.tokenizer = None, None
+
+    def base(self) -> nn.Module:
+        """A fresh MiniLM classifier; the new head is drawn under the task's seed, so it is the same every time."""
+        if self.model is None:
+            with torch.random.fork_rng():
+                torch.manual_seed(self.seed)
+                self.model, self.tokenizer = models.load_model(models.MINILM, num_labels=2)
+            rows = data.load_sst2("train", n=self.n_train + self.n_select, seed=self.seed)
+            tok = lambda ds: data.tokenize_classification(ds, self.tokenizer, max_length=self.max_length)  # noqa: E731
+            self.train_set = tok(rows.select(range(self.n_train)))
+            self.select_set = tok(rows.select(range(self.n_train, self.n_train + self.n_select)))
+            self.val_rows = data.load_sst2("validation", n=self.n_val, seed=self.seed)
+            self.val_set = tok(self.val_rows)
+        return copy.deepcopy(self.model)
+
+    def loader(self, dataset, shuffle: bool = False):
+        return data.make_loader(dataset, self.batch if shuffle else 64, shuffle=shuffle, seed=self.seed,
+                                pad_token_id=self.tokenizer.pad_token_id)
+
+    def fit(self, model: nn.Module, lr: float, desc: str | None = None, **kw) -> History:
+        self.base()
+        return train(model, self.loader(self.train_set, shuffle=True),
+                     TrainConfig(lr=lr, max_steps=self.steps, seed=self.seed), desc=desc, **kw)
+
+    @torch.no_grad()
+    def correct(self, model: nn.Module, split: str = "val") -> list[int]:
+        """1/0 per sentence of the validation (or selection) split."""
+        was = model.training
+        model.eval()
+        out = []
+        for batch in self.loader(self.val_set if split == "val" else self.select_set):
+            labels = batch.pop("labels")
+            out += (model(**batch).logits.argmax(-1) == labels).int().tolist()
+        model.train(was)
+        return out
+
+    def majority(self) -> float:
+        labels = list(self.val_rows["label"])
+        return max(labels.count(0), labels.count(1)) / len(labels)
+
+
+def lrs(task, kind: str = "adapter") -> tuple[float, ...]:
+    """The learning rates a ``kind`` ("full" or "adapter") of method sweeps on ``task``'s profile."""
+    return SWEEPS[task.profile][kind]
+
+
+def full_finetuning_sst2(task: SST2, results_dir, lrs_: tuple[float, ...] | None = None) -> dict:
+    """Full fine-tuning of MiniLM on ``task`` at each learning rate of the sweep, the best by selection accuracy."""
+    lrs_ = lrs_ or lrs(task, "full")
+
+    def compute():
+        def fit(lr):
+            model = task.base()
+            task.fit(model, lr, desc=f"SST-2 full fine-tuning, lr {lr:g}")
+            return sum(task.correct(model, "select")) / task.n_select, task.correct(model)
+        best, correct, sweep = pick_lr(fit, lrs_)
+        return {"lr": best, "select_accuracy": sweep, "correct": correct, "accuracy": sum(correct) / len(correct),
+                "steps": task.steps, "trainable_params": count_parameters(task.base())[0]}
+    return cached(results_dir, "full_ft_sst2", {**_spec(task), "lrs": list(lrs_)}, compute)
+
+
+# ----------------------------------------------------------------------------- E2E NLG with SmolLM2
+
+@dataclass
+class E2E:
+    n_train: int
+    n_select: int
+    n_test: int
+    steps: int
+    batch: int = 8
+    new_tokens: int = 48
+    max_length: int = 160
+    seed: int = 0
+    profile: str = "cpu"
+    layers: int | None = None      # keep only the first layers of SmolLM2 (the smoke profile: the code path, fast)
+
+    PROFILES = {"smoke": dict(n_train=4, n_select=2, n_test=2, steps=2, batch=2, new_tokens=8, max_length=128, layers=2),
+                "cpu": dict(n_train=192, n_select=32, n_test=40, steps=8),      # 01: its sweep in 4 of its 10 min
+                "gpu": dict(n_train=4000, n_select=300, n_test=630, steps=1000, batch=16, new_tokens=64)}
+
+    @classmethod
+    def for_run(cls, run, **overrides) -> "E2E":
+        return cls(**{**cls.PROFILES[run.profile], "seed": run.seed, "profile": run.profile, **overrides})
+
+    def __post_init__(self):
+        self.model, self.tokenizer = None, None
+
+    def base(self) -> nn.Module:
+        if self.model is None:
+            self.model, self.tokenizer = models.load_model(models.SMOLLM2)
+            if self.layers:
+                models.keep_layers(self.model, self.layers)
+            rows = data.load_e2e("train", n=self.n_train + self.n_select, seed=self.seed)
+            tok = lambda ds: data.tokenize_causal(ds, self.tokenizer, data.e2e_example, max_length=self.max_length)  # noqa: E731
+            self.train_set = tok(rows.select(range(self.n_train)))
+            self.select_set = tok(rows.select(range(self.n_train, self.n_train + self.n_select)))
+            self.test_rows = data.load_e2e("test", n=self.n_test, seed=self.seed)
+            self.test_set = tok(self.test_rows.map(lambda r: {"ref": r["refs"][0]}))
+        return copy.deepcopy(self.model)
+
+    def loader(self, dataset, shuffle: bool = False):
+        return data.make_loader(dataset, self.batch if shuffle else 16, shuffle=shuffle, seed=self.seed,
+                                pad_token_id=self.tokenizer.pad_token_id)
+
+    def fit(self, model: nn.Module, lr: float, desc: str | None = None, **kw) -> History:
+        self.base()
+        return train(model, self.loader(self.train_set, shuffle=True),
+                     TrainConfig(lr=lr, max_steps=self.steps, seed=self.seed), desc=desc, **kw)
+
+    def select_loss(self, model: nn.Module) -> float:
+        return evaluate_loss(model, self.loader(self.select_set))
+
+    def test_loss(self, model: nn.Module) -> float:
+        return evaluate_loss(model, self.loader(self.test_set))
+
+    def generate(self, model: nn.Module) -> list[str]:
+        prompts = [data.e2e_example(r)[0] for r in self.test_rows]
+        return evaluate.generate(model, self.tokenizer, prompts, max_new_tokens=self.new_tokens)
+
+    def bleu(self, hyps: list[str], idx: list[int] | None = None) -> float:
+        idx = range(len(hyps)) if idx is None else idx
+        refs = list(self.test_rows["refs"])
+        return evaluate.corpus_bleu([hyps[i] for i in idx], [refs[i] for i in idx])
+
+    def bleu_difference(self, hyps_a: list[str], hyps_b: list[str], resamples: int = 1000) -> Interval:
+        """BLEU(a) - BLEU(b), with a paired bootstrap over the test MRs."""
+        return bootstrap(lambda idx: self.bleu(hyps_a, idx) - self.bleu(hyps_b, idx), len(hyps_a), resamples,
+                         self.seed, what="test MRs")
+
+
+def full_finetuning_e2e(task: E2E, results_dir, lrs_: tuple[float, ...] | None = None) -> dict:
+    """Full fine-tuning of SmolLM2 on ``task`` at each learning rate of the sweep, the best by selection loss."""
+    lrs_ = lrs_ or lrs(task, "full")
+
+    def compute():
+        def fit(lr):
+            model = task.base()
+            task.fit(model, lr, desc=f"E2E full fine-tuning, lr {lr:g}")
+            return task.select_loss(model), model
+        best, model, sweep = pick_lr(fit, lrs_, higher_is_better=False)
+        hyps = task.generate(model)
+        return {"lr": best, "select_loss": sweep, "hyps": hyps, "bleu": task.bleu(hyps),
+                "test_loss": task.test_loss(model), "steps": task.steps,
+                "trainable_params": count_parameters(model)[0]}
+    return cached(results_dir, "full_ft_e2e", {**_spec(task), "lrs": list(lrs_)}, compute)
+
+
+def _spec(task) -> dict:
+    return {"task": type(task).__name__, **{k: v for k, v in asdict(task).items()}}
+
+
+# ----------------------------------------------------------------------------- per-example scores (notebooks 07, 08)
+
+@torch.no_grad()
+def example_losses(model: nn.Module, loader) -> list[float]:
+    """Each example's mean next-token loss over its response (labels != -100), in the loader's order:
+    the per-example scores a paired bootstrap of held-out loss needs. Soft prompts and prefixes are
+    fine: the real tokens' logits are the last T positions, whatever virtual tokens come first."""
+    was, device = model.training, next(model.parameters()).device
+    model.eval()
+    out = []
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits[:, -labels.shape[1]:]                   # (B, T, vocab)
+        targets = labels[:, 1:]                                                 # token t predicts t + 1
+        nll = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=-100,
+                                          reduction="none")                    # (B, T - 1)
+        out += (nll.sum(1) / (targets != -100).sum(1).clamp(min=1)).tolist()
+    model.train(was)
+    return out
+
+
+@torch.no_grad()
+def label_word_correct(model: nn.Module, tokenizer, rows, example_fn, words: list[str], batch_size: int = 16) -> list[int]:
+    """1/0 per row: rank classification among the label ``words`` at the answer position, the rule of
+    ``evaluate.label_word_accuracy``, kept per sentence (for paired intervals) and cheaper: rows go
+    in order of length (little padding) and only the label words' logits are computed, from the
+    last hidden state (the output head runs on one position per batch, ``logits_to_keep=1``)."""
+    label_ids = evaluate.label_token_ids(tokenizer, words)
+    head = model.get_output_embeddings().weight[label_ids]                     # (classes, d)
+    ids = [tokenizer(data.chat_prompt(tokenizer, example_fn(r)[0]), add_special_tokens=False)["input_ids"]
+           for r in rows]
+    labels = list(rows["label"])
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    was, device = model.training, head.device
+    model.eval()
+    correct = [0] * len(ids)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        T = max(len(ids[i]) for i in chunk)
+        input_ids = torch.tensor([ids[i] + [tokenizer.pad_token_id] * (T - len(ids[i])) for i in chunk], device=device)
+        mask = torch.tensor([[1] * len(ids[i]) + [0] * (T - len(ids[i])) for i in chunk], device=device)
+        h = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        last = mask.sum(1) - 1 + (h.shape[1] - T)             # right padding: virtual tokens in front shift by n
+        pred = (h[torch.arange(len(chunk)), last] @ head.T).argmax(-1).tolist()
+        for i, p in zip(chunk, pred):
+            correct[i] = int(p == labels[i])
+    model.train(was)
+    return correct
+
+
+@dataclass
+class LabelWords:
+    """SmolLM2 answering a classification task with one label word, the way prompt tuning poses it.
+
+    ``dataset``: "sst2" (the review -> "negative" / "positive"; the 872 GLUE validation sentences)
+    or "agnews" (the article -> "World" / "Sports" / "Business" / "Science"; the test articles).
+    Training is the causal-LM loss on the answer; scoring is rank classification of the label
+    words (``label_word_correct``). A selection split, disjoint from training and evaluation, picks
+    learning rates."""
+    n_train: int
+    n_select: int
+    n_val: int
+    steps: int
+    batch: int = 8
+    dataset: str = "sst2"
+    seed: int = 0
+    profile: str = "cpu"
+    layers: int | None = None      # keep only the first layers of SmolLM2 (the smoke profile: the code path, fast)
+
+    PROFILES = {"smoke": dict(n_train=4, n_select=4, n_val=8, steps=2, batch=2, layers=2),
+                "cpu": dict(n_train=64, n_select=32, n_val=128, steps=16, batch=4),
+                "gpu": dict(n_train=4000, n_select=256, n_val=872, steps=500, batch=16)}
+    SOURCES = {"sst2": ("load_sst2", "validation", "sst2_generation_example", "SST2_WORDS", 128),
+               "agnews": ("load_agnews", "test", "agnews_generation_example", "AGNEWS_WORDS", 384)}
+
+    @classmethod
+    def for_run(cls, run, **overrides) -> "LabelWords":
+        return cls(**{**cls.PROFILES[run.profile], "seed": run.seed, "profile": run.profile, **overrides})
+
+    def __post_init__(self):
+        if self.dataset not in self.SOURCES:
+            raise ValueError(f"dataset must be one of {sorted(self.SOURCES)}, got {self.dataset!r}")
+        load, self.eval_split, example, words, self.max_length = self.SOURCES[self.dataset]
+        self._load, self.example_fn, self.words = getattr(data, load), getattr(data, example), getattr(data, words)
+        self.model, self.tokenizer = None, None
+
+    def base(self) -> nn.Module:
+        """A fresh copy of the frozen SmolLM2 (loaded once), with the task's data tokenized."""
+        if self.model is None:
+            self.model, self.tokenizer = models.load_model(models.SMOLLM2)
+            if self.layers:
+                models.keep_layers(self.model, self.layers)
+            rows = self._load("train", n=self.n_train + self.n_select, seed=self.seed)
+            self.train_set = data.tokenize_causal(rows.select(range(self.n_train)), self.tokenizer, self.example_fn,
+                                                  max_length=self.max_length)
+            self.select_rows = rows.select(range(self.n_train, self.n_train + self.n_select))
+            self.val_rows = self._load(self.eval_split, n=self.n_val, seed=self.seed)
+        return copy.deepcopy(self.model)
+
+    def fit(self, model: nn.Module, lr: float, desc: str | None = None, **kw) -> History:
+        self.base()
+        loader = data.make_loader(self.train_set, self.batch, shuffle=True, seed=self.seed,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        return train(model, loader, TrainConfig(lr=lr, max_steps=self.steps, seed=self.seed), desc=desc, **kw)
+
+    def correct(self, model: nn.Module, split: str = "val") -> list[int]:
+        """1/0 per sentence of the evaluation (or selection) split."""
+        self.base()
+        rows = self.val_rows if split == "val" else self.select_rows
+        return label_word_correct(model, self.tokenizer, rows, self.example_fn, self.words)
+
+    def majority(self) -> float:
+        labels = list(self.val_rows["label"])
+        return max(labels.count(c) for c in set(labels)) / len(labels)
+
+
+def fit_with_checkpoints(task, model: nn.Module, lr: float, eval_fn: Callable[[nn.Module], dict], every: int,
+                         desc: str | None = None) -> History:
+    """``task.fit`` (same data, steps, batch and schedule) that also runs ``eval_fn(model)`` every
+    ``every`` optimizer steps and at the end: for analyses of how the weights move while a method
+    trains (notebook 03, the DoRA paper's Figure 2). Keep in step with ``SST2.fit`` / ``E2E.fit``."""
+    task.base()
+    return train(model, task.loader(task.train_set, shuffle=True),
+                 TrainConfig(lr=lr, max_steps=task.steps, seed=task.seed, eval_every=every), eval_fn=eval_fn, desc=desc)
+
+
+# ----------------------------------------------------------------------------- seeds (notebook 01)
+
+def sst2_with_seed(task: SST2, seed: int) -> SST2:
+    """``task`` (the same training, selection and validation sentences, steps and batch) under another
+    training seed: a classification head drawn under ``seed`` (as ``SST2.base`` draws it), another
+    data order and other dropout masks. What "several random seeds" of one recipe vary (Mosbach et
+    al. 2020); ``sst2_with_seed(task, task.seed)`` trains exactly as ``task`` does."""
+    task.base()
+    other = copy.copy(task)
+    other.seed = seed
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        other.model, _ = models.load_model(models.MINILM, num_labels=2)
+    return other
+
+
+def bleu_difference(task: E2E, hyps_a: list[str], hyps_b: list[str], resamples: int = 1000) -> Interval:
+    """``task.bleu_difference`` (BLEU(a) - BLEU(b), paired bootstrap over the test MRs) from each MR's
+    BLEU statistics: a resample's corpus BLEU is computed from the sums of its MRs' n-gram counts and
+    lengths, which is what corpus BLEU is, instead of re-tokenising the corpus. The same resamples give
+    the same numbers, some hundred times faster (sacrebleu's own paired bootstrap works this way; its
+    two statistics methods are private API of the pinned sacrebleu 2.x)."""
+    import sacrebleu
+    refs = list(task.test_rows["refs"])
+    streams = [[r[i] if i < len(r) else None for r in refs] for i in range(max(len(r) for r in refs))]
+    metric = sacrebleu.metrics.BLEU()
+    stats_a, stats_b = (metric._extract_corpus_statistics(h, streams) for h in (hyps_a, hyps_b))
+
+    def score(stats, idx):   # stats per MR: [hyp length, ref length, matches of 1..4-grams, totals of 1..4-grams]
+        return metric._compute_score_from_stats([sum(stats[i][k] for i in idx) for k in range(len(stats[0]))]).score
+    return bootstrap(lambda idx: score(stats_a, idx) - score(stats_b, idx), len(hyps_a), resamples, task.seed,
+                     what="test MRs")
+
+
+# ----------------------------------------------------------------------------- memory of a training step (notebook 05)
+
+class LiveTensors:
+    """The bytes of tensor storage alive while a block of code runs, its peak, and who made it.
+
+    Every storage an operation creates inside the block (seen through a ``TorchDispatchMode``) is
+    counted under the current ``phase`` until it is freed (a weak reference tells); the tensors
+    passed as ``existing`` (weights, buffers, an optimizer's state) are counted under "model".
+    ``peak`` is the largest total, ``at_peak`` its breakdown by phase, ``peak_phase`` when it
+    happened. Views share their base's storage and count once. It counts tensors, not allocator
+    pages: the same on a CPU as on a GPU, without the caching allocator's slack::
+
+        with LiveTensors(model.parameters()) as live:
+            live.phase = "forward";   loss = model(**batch).loss
+            live.phase = "backward";  loss.backward()
+    """
+
+    def __init__(self, existing=()):
+        self.phase, self.live, self.peak, self.at_peak, self.peak_phase = "model", {}, 0, {}, "model"
+        self._seen = {}                 # id(storage) -> (nbytes, phase) while the storage is alive
+        for t in existing:
+            self._track(t)
+        self.phase = "other"
+
+    def _track(self, t) -> None:
+        import weakref
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+            return
+        storage = t.untyped_storage()
+        key = id(storage)
+        if key in self._seen or storage.nbytes() == 0:
+            return
+        self._seen[key] = (storage.nbytes(), self.phase)
+        self.live[self.phase] = self.live.get(self.phase, 0) + storage.nbytes()
+        weakref.finalize(storage, self._free, key)
+        total = sum(self.live.values())
+        if total > self.peak:
+            self.peak, self.at_peak, self.peak_phase = total, dict(self.live), self.phase
+
+    def _free(self, key) -> None:
+        nbytes, phase = self._seen.pop(key)
+        self.live[phase] -= nbytes
+
+    def __enter__(self) -> "LiveTensors":
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    tracker._track(t)
+                return out
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+
+def training_step_memory(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> LiveTensors:
+    """One training step of ``model`` on ``batch`` (forward, backward, ``optimizer.step()``, zero_grad)
+    under ``LiveTensors``: the peak bytes of the tensors alive, split into the model's own tensors
+    (weights and buffers, e.g. 4-bit codes), what the forward pass made and kept (activations saved
+    for backward), what the backward pass made (gradients, recomputed activations under gradient
+    checkpointing, temporaries) and what the optimizer step made (Adam's two moments on a first
+    step, temporaries). ``.state`` adds the bytes of the training state per tensor name:
+    "weights" (every parameter and buffer), "gradients" (after backward) and "optimizer state"
+    (after the step). The model is trained by that step: pass a copy if it matters."""
+    was = model.training
+    model.train()
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    names = {p: n for n, p in model.named_parameters()}
+    existing = [*model.parameters(), *model.buffers(), *batch.values()]
+    existing += [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    with LiveTensors(existing) as live:
+        live.phase = "forward"
+        loss = model(**batch).loss
+        live.phase = "backward"
+        loss.backward()
+        del loss
+        gradients = {names[p]: nbytes(p.grad) for p in names if p.grad is not None}
+        live.phase = "optimizer step"
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    live.state = {"weights": {n: nbytes(t) for n, t in [*model.named_parameters(), *model.named_buffers()]},
+                  "gradients": gradients,
+                  "optimizer state": {names[p]: sum(nbytes(t) for t in s.values() if isinstance(t, torch.Tensor))
+                                      for p, s in optimizer.state.items()}}
+    model.train(was)
+    return live
