@@ -65,6 +65,7 @@ PATH = [  # (notebook, what it teaches, what to have read first)
     ("07_prefix_tuning", "a prefix is a KV cache", "02"),
     ("08_prompt_tuning", "soft prompts before the input; P-tuning's encoder", "07"),
     ("09_rosa", "low-rank plus sparse updates; masks from gradients", "02"),
+    ("10_lomo_adalomo", "full fine-tuning without stored gradients; where a step's memory goes, measured", "01, 05"),
 ]
 committed = Path("results")   # the committed results, next to this notebook
 

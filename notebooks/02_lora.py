@@ -216,7 +216,7 @@ plt.figure(figsize=(6, 3))
 plt.plot(lora_hist.step, lora_hist.loss, label=f"LoRA r=8 (lr {lora_lr:g})")
 plt.xlabel("optimizer step"); plt.ylabel("training loss"); plt.title("SmolLM2 on E2E"); plt.legend()
 plt.tight_layout(); plt.show()
-bleu_gap = e2e.bleu_difference(lora_hyps, full["hyps"])
+bleu_gap = tasks.bleu_difference(e2e, lora_hyps, full["hyps"])
 _ = run.verdict("lora_e2e_on_par_with_full_ft", bleu_gap, at_least=-1.0,
             ours=f"SmolLM2-135M, r=8 on q,v ({e2e_result['LoRA']['trainable']:,d} trained): BLEU {e2e_result['LoRA']['bleu']:.1f} "
                  f"vs full fine-tuning {full['bleu']:.1f}, {e2e.steps} steps each, lr from the same sweep; "

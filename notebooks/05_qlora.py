@@ -389,16 +389,23 @@ lora.load_state_dict(lora_tensors, strict=False)
 qlora = from_start(prepare_qlora(task.base(), qlora_config))
 test_loader = task.loader(task.test_set)
 zero_shot = {"float": tasks.example_losses(smol, test_loader), "NF4 + DQ": tasks.example_losses(qlora, test_loader)}  # B = 0: the base
-qlora_hist = task.fit(qlora, lora_lr, desc=f"E2E QLoRA, lr {lora_lr:g}", make_optimizer=make_paged_adamw)
 full = tasks.full_finetuning_e2e(task, run.results_dir)
 
 # %% [markdown]
-# Generating with the 4-bit model dequantizes every layer at every new token. For the evaluation we
-# dequantize each layer once into a float copy: `Linear4bit.forward` is `F.linear` on the dequantized
-# weight, so the copy computes the same logits bit for bit (checked), only faster on a CPU.
+# **Training QLoRA on a CPU.** The 4-bit model dequantizes every layer in every forward pass, and
+# with gradient checkpointing again in the backward pass: on a GPU that is the price of the memory
+# saved, but on two CPU cores it makes a step many times slower than float LoRA's (the benchmark
+# `bench/bench_qlora.py` measures it). The arithmetic does not need it: `Linear4bit.forward` is
+# `F.linear` on the dequantized weight, so a copy of the model in which each 4-bit layer is an
+# `nn.Linear` holding its dequantized weight, frozen, computes the same loss and the same LoRA
+# gradients, and an optimizer fed the same gradients takes the same steps. We check that bit for bit
+# on a real batch, train the copy (the gpu profile trains the 4-bit model itself), copy the trained
+# LoRA tensors back into the 4-bit model and check that both give the same logits. The copy is also
+# what we generate with: dequantizing at every new token would cost the same again.
 
 # %%
-def dequantized_once(model):
+def dequantized_once(model, for_training=False):
+    """A copy in which every 4-bit layer is an nn.Linear holding its dequantized weight, frozen."""
     copy_ = copy.deepcopy(model)
     for name, m in list(copy_.named_modules()):
         if isinstance(m, linear4bit.Linear4bit):
@@ -407,21 +414,46 @@ def dequantized_once(model):
             if m.bias is not None:
                 dense.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
             core.set_module(copy_, name, dense)
+    if for_training:                                  # recomputing float blocks would save memory, not time
+        disable = getattr(copy_, "activation_checkpointing_disable", None) or copy_.gradient_checkpointing_disable
+        disable()                                     # (the older name, in transformers before 5.x)
+        return copy_.train()
     copy_.config.use_cache = True                     # prepare_qlora turned the KV cache off for training
     return copy_.eval()
 
 
+def loss_and_lora_grads(model, batch):
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+trainee = qlora if run.profile == "gpu" else dequantized_once(qlora, for_training=True)
+(loss_4bit, grads_4bit), (loss_copy, grads_copy) = (loss_and_lora_grads(m, first_batch) for m in (qlora, trainee))
+same_step = torch.equal(loss_4bit, loss_copy) and grads_4bit.keys() == grads_copy.keys() \
+    and all(torch.equal(grads_4bit[n], grads_copy[n]) for n in grads_4bit)
+print(f"trained: {'the 4-bit model' if trainee is qlora else 'its dequantized-once copy'}; "
+      f"{len(grads_4bit)} LoRA tensors, first-batch loss {loss_4bit.item():.6f} (4-bit) vs {loss_copy.item():.6f} (copy)")
+qlora_hist = task.fit(trainee, lora_lr, desc=f"E2E QLoRA, lr {lora_lr:g}", make_optimizer=make_paged_adamw)
+if trainee is not qlora:
+    loaded = qlora.load_state_dict(trained_tensors(trainee), strict=False)
+    assert not loaded.unexpected_keys, loaded.unexpected_keys     # every trained tensor has its place
 qlora_fast = dequantized_once(qlora)
 with torch.no_grad():
     probe = {k: v for k, v in next(iter(test_loader)).items() if k != "labels"}
     same_logits = torch.equal(qlora.eval()(**probe).logits, qlora_fast(**probe).logits)
 losses = {"QLoRA": tasks.example_losses(qlora, test_loader), "float LoRA": tasks.example_losses(lora, test_loader)}
 hyps = {"QLoRA": task.generate(qlora_fast), "float LoRA": task.generate(lora)}
-del qlora_fast
+del qlora_fast, trainee
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print("the dequantized-once copy computes the same logits as the 4-bit model, bit for bit:",
+print("the dequantized-once copy gives the 4-bit model's loss and LoRA gradients, bit for bit:",
+      run.check("dequantized_copy_same_loss_and_gradients", same_step))
+print("after training, the 4-bit model and its dequantized-once copy give the same logits, bit for bit:",
       run.check("dequantized_copy_same_logits", same_logits))
 
 # %%

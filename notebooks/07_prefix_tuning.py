@@ -114,7 +114,7 @@ def attention_with_prefix(attn, x, P_k, P_v, rotary):
     return attn.o_proj((weights @ V).transpose(1, 2).reshape(1, T, -1))    # (1, T, d)
 
 
-e2e_sizes = run.pick(smoke={}, cpu=dict(n_train=48, n_select=16, n_test=32, steps=12, batch=4), gpu={})
+e2e_sizes = run.pick(smoke={}, cpu=dict(n_train=48, n_select=16, n_test=24, steps=6, batch=4), gpu={})
 e2e = tasks.E2E.for_run(run, **e2e_sizes)
 smol = e2e.base()
 tok = e2e.tokenizer

@@ -283,7 +283,7 @@ print(f"trainable parameters: ours {budget_shira[0]:,d}, ShiRA {budget_shira[1]:
 # The paper's recipe, shortened: α = 16, the LoRA learning rate above the sparse one (7e-4 and 2e-4 in
 # the authors' scripts; ours 1e-3 and 3e-4), the mask from a LoRA-only warm-up (64 steps there) and
 # the mean squared gradient over a few batches, then a restart from $W_0$. Every method trains on the
-# same problems in the same order for the same steps. The cpu profile runs 12 steps of 4 problems:
+# same problems in the same order for the same steps. The cpu profile runs 8 steps of 3 problems:
 # three such runs (and the warm-ups) are what fits in ten minutes on two cores. The gpu profile
 # trains two epochs of 1,800 problems (225 steps of 16, close to the paper's epoch of 7,473 in
 # steps of 32) and gives each method a learning-rate sweep (×0.3, ×1, ×3), picked by held-out loss on
@@ -297,8 +297,8 @@ print("data:", bib.cite("cobbe2021training"), "| model:", bib.cite("allal2025smo
 cfg = run.pick(
     smoke=dict(n_train=2, n_select=0, batch=1, steps=2, warmup_steps=1, fisher_batches=1, n_test=4, n_gen=2,
                new_tokens=16, max_length=192, layers=2, lr_scales=(1.0,)),
-    cpu=dict(n_train=48, n_select=0, batch=4, steps=12, warmup_steps=4, fisher_batches=2, n_test=32, n_gen=16,
-             new_tokens=96, max_length=256, layers=None, lr_scales=(1.0,)),
+    cpu=dict(n_train=24, n_select=0, batch=3, steps=8, warmup_steps=3, fisher_batches=2, n_test=24, n_gen=8,
+             new_tokens=64, max_length=256, layers=None, lr_scales=(1.0,)),
     gpu=dict(n_train=1800, n_select=200, batch=16, steps=225, warmup_steps=64, fisher_batches=8, n_test=500,
              n_gen=500, new_tokens=256, max_length=512, layers=None, lr_scales=(0.3, 1.0, 3.0)),
 )

@@ -34,6 +34,7 @@ from torch import nn
 from . import data, evaluate, models
 from .core import count_parameters
 from .training import History, TrainConfig, evaluate_loss, train
+from .training.memory import LiveTensors  # noqa: F401 (notebook 05 names it tasks.LiveTensors)
 from .verdicts import Interval, bootstrap
 
 # The learning-rate grids each profile sweeps (smoke: one value, only to run the code path).
@@ -404,66 +405,6 @@ def bleu_difference(task: E2E, hyps_a: list[str], hyps_b: list[str], resamples: 
 
 
 # ----------------------------------------------------------------------------- memory of a training step (notebook 05)
-
-class LiveTensors:
-    """The bytes of tensor storage alive while a block of code runs, its peak, and who made it.
-
-    Every storage an operation creates inside the block (seen through a ``TorchDispatchMode``) is
-    counted under the current ``phase`` until it is freed (a weak reference tells); the tensors
-    passed as ``existing`` (weights, buffers, an optimizer's state) are counted under "model".
-    ``peak`` is the largest total, ``at_peak`` its breakdown by phase, ``peak_phase`` when it
-    happened. Views share their base's storage and count once. It counts tensors, not allocator
-    pages: the same on a CPU as on a GPU, without the caching allocator's slack::
-
-        with LiveTensors(model.parameters()) as live:
-            live.phase = "forward";   loss = model(**batch).loss
-            live.phase = "backward";  loss.backward()
-    """
-
-    def __init__(self, existing=()):
-        self.phase, self.live, self.peak, self.at_peak, self.peak_phase = "model", {}, 0, {}, "model"
-        self._seen = {}                 # id(storage) -> (nbytes, phase) while the storage is alive
-        for t in existing:
-            self._track(t)
-        self.phase = "other"
-
-    def _track(self, t) -> None:
-        import weakref
-        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
-            return
-        storage = t.untyped_storage()
-        key = id(storage)
-        if key in self._seen or storage.nbytes() == 0:
-            return
-        self._seen[key] = (storage.nbytes(), self.phase)
-        self.live[self.phase] = self.live.get(self.phase, 0) + storage.nbytes()
-        weakref.finalize(storage, self._free, key)
-        total = sum(self.live.values())
-        if total > self.peak:
-            self.peak, self.at_peak, self.peak_phase = total, dict(self.live), self.phase
-
-    def _free(self, key) -> None:
-        nbytes, phase = self._seen.pop(key)
-        self.live[phase] -= nbytes
-
-    def __enter__(self) -> "LiveTensors":
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_leaves
-        tracker = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for t in tree_leaves(out):
-                    tracker._track(t)
-                return out
-        self._mode = Mode()
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)
-
 
 def training_step_memory(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> LiveTensors:
     """One training step of ``model`` on ``batch`` (forward, backward, ``optimizer.step()``, zero_grad)

@@ -3,6 +3,7 @@
     python scripts/run_notebooks.py                 # profile "auto": gpu if CUDA is available, else cpu
     python scripts/run_notebooks.py --profile smoke --out runs/smoke
     python scripts/run_notebooks.py 02 05           # only these (name or number prefix; 02 includes its solutions)
+    python scripts/run_notebooks.py 02_lora.ipynb   # exactly this notebook
     python scripts/run_notebooks.py --force         # run every notebook, changed or not
     python scripts/run_notebooks.py --inplace       # maintainers: refresh the committed outputs
 
@@ -54,10 +55,11 @@ from peft_from_scratch.verdicts import RULE  # noqa: E402
 def notebooks(only: list[str] | None = None, root: Path = NOTEBOOKS) -> list[Path]:
     """The suite in the order it runs: the chapters ``NN_*.ipynb``, then ``solutions/NN_*.ipynb``.
 
-    ``only``: names or prefixes ("02" is ``02_lora`` and ``02_lora_solutions``)."""
+    ``only``: names or prefixes ("02" is ``02_lora`` and ``02_lora_solutions``), or a file name for
+    exactly that notebook ("02_lora.ipynb": the chapter alone)."""
     found = sorted(root.glob("[0-9][0-9]_*.ipynb")) + sorted((root / "solutions").glob("[0-9][0-9]_*.ipynb"))
     if only:
-        found = [p for p in found if any(p.stem.startswith(o) for o in only)]
+        found = [p for p in found if any(p.name == o if o.endswith(".ipynb") else p.stem.startswith(o) for o in only)]
         if not found:
             every = [p.stem for p in notebooks(root=root)]
             raise SystemExit(f"no notebook matches {only}; available: {every}")
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None, root: Path = NOTEBOOKS) -> int:
     ap.add_argument("--force", action="store_true", help="run every notebook, even those whose inputs did not change")
     ap.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
     ap.add_argument("--threads", type=int, help="torch threads in each notebook (default: torch's own)")
-    ap.add_argument("only", nargs="*", help="run only these notebooks (name or number prefix)")
+    ap.add_argument("only", nargs="*", help="run only these notebooks (name or number prefix, or a file name for exactly one)")
     args = ap.parse_args(argv)
     profile = resolve_profile(args.profile)
     out = root if args.inplace else (args.out or REPO / "runs" / profile)

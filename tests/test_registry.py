@@ -14,7 +14,8 @@ from peft_from_scratch.models import tiny_bert, tiny_llama
 
 V1 = Path(__file__).parent / "fixtures" / "adapters_v1"
 NAMES = {"lora", "dora", "rosa", "houlsby", "prompt_tuning", "p_tuning", "prefix_tuning",
-         "nf4", "qlora", "paged_adamw", "masked_gradient"}
+         "nf4", "qlora", "paged_adamw", "masked_gradient",
+         "lomo", "adalomo", "galore", "flora", "flora_accumulation", "mezo"}
 
 
 def test_registry_lists_every_method_with_family_kind_and_paper():

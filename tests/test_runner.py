@@ -47,6 +47,7 @@ def test_chapters_in_order_then_solutions(tmp_path):
     (root / "notes.ipynb").write_text("{}")                      # not a chapter: no number
     assert [p.stem for p in rn.notebooks(root=root)] == ["00_a", "01_b", "10_c", "00_a_solutions", "01_b_solutions"]
     assert [p.stem for p in rn.notebooks(["01"], root=root)] == ["01_b", "01_b_solutions"]
+    assert [p.stem for p in rn.notebooks(["01_b.ipynb"], root=root)] == ["01_b"]             # a file name: exactly it
     with pytest.raises(SystemExit, match="no notebook matches.*available.*00_a"):
         rn.notebooks(["7"], root=root)
 

@@ -34,7 +34,7 @@ from peft_from_scratch.notebook import start
 import torch
 
 run = start("07_prefix_tuning_solutions", profile, seed, results_dir)
-e2e = tasks.E2E.for_run(run, **run.pick(smoke={}, cpu=dict(n_train=48, n_select=16, n_test=32, steps=12, batch=4), gpu={}))
+e2e = tasks.E2E.for_run(run, **run.pick(smoke={}, cpu=dict(n_train=48, n_select=16, n_test=24, steps=6, batch=4), gpu={}))
 smol = e2e.base()
 tok = e2e.tokenizer
 test_loader = e2e.loader(e2e.test_set)
