@@ -118,6 +118,38 @@ def time_all(base, device: str, steps: int, warmup: int, build, configs: list[st
     return out
 
 
+def round_robin(fns: dict, rounds: int, device: str, warmup: int = 0) -> dict:
+    """Seconds of each call of ``fns`` ({name: zero-argument callable}), called round-robin, the order
+    rotating each round, so that every one sees the same load: {name: [seconds per timed round]} and
+    "load_1min_per_round". The first ``warmup`` rounds are run and not recorded."""
+    names = list(fns)
+    times, loads = {name: [] for name in names}, []
+    for i in range(warmup + rounds):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            sync(device)
+            t = time.perf_counter()
+            fns[name]()
+            sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t)
+        if i >= warmup:
+            loads.append(load_average()[0] if load_average() else None)
+        print(f"  round {i + 1}/{warmup + rounds}" + (" (warm-up)" if i < warmup else ": " + ", ".join(
+            f"{n} {times[n][-1]:.2f}s" for n in names)), flush=True)
+    return {**times, "load_1min_per_round": loads}
+
+
+def e2e_batch(tokenizer, n: int, max_length: int, device: str) -> dict:
+    """The first ``n`` E2E NLG training examples (``data.load_e2e``, seed 0) in SmolLM2's chat format,
+    padded into one batch (labels -100 on the prompt and the padding), on ``device``: a real batch."""
+    from peft_from_scratch import data
+    rows = data.load_e2e("train", n=n, seed=0)
+    examples = data.tokenize_causal(rows, tokenizer, data.e2e_example, max_length=max_length)
+    batch = data.Collator(tokenizer.pad_token_id)([examples[i] for i in range(n)])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 # ----------------------------------------------------------------------------- memory (one subprocess per model)
 
 def _rss_kib(field: str) -> int:

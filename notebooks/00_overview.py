@@ -66,6 +66,9 @@ PATH = [  # (notebook, what it teaches, what to have read first)
     ("08_prompt_tuning", "soft prompts before the input; P-tuning's encoder", "07"),
     ("09_rosa", "low-rank plus sparse updates; masks from gradients", "02"),
     ("10_lomo_adalomo", "full fine-tuning without stored gradients; where a step's memory goes, measured", "01, 05"),
+    ("11_galore", "Adam in a low-rank projection of each gradient; optimizers through transformers' Trainer", "10"),
+    ("12_flora", "LoRA as a random gradient compressor; resampled projections for momentum and accumulation", "02, 11"),
+    ("13_mezo", "fine-tuning from two forward passes; zero-shot, in-context and fine-tuned SST-2", "08, 10"),
 ]
 committed = Path("results")   # the committed results, next to this notebook
 

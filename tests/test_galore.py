@@ -180,12 +180,15 @@ def test_the_update_has_rank_at_most_r_within_a_period_and_more_across_a_refresh
 
 # ----------------------------------------------------------------------------- memory
 
-def test_state_bytes_are_the_projected_moments_and_the_projectors():
+@pytest.mark.parametrize("compact", [False, True])
+def test_state_bytes_are_the_projected_moments_and_the_projectors(compact):
+    """What the state holds: the reference's P is a slice of the SVD factor (min(m, n)^2 floats stay
+    alive); the compact P holds its r x min(m, n) floats and nothing else."""
     torch.manual_seed(0)
     wide, tall = nn.Parameter(torch.randn(12, 40)), nn.Parameter(torch.randn(40, 12))
     bias = nn.Parameter(torch.zeros(7))
     r = 3
-    optimizer = GaLoreAdamW([{"params": [bias]}, {"params": [wide, tall], "rank": r}])
+    optimizer = GaLoreAdamW([{"params": [bias]}, {"params": [wide, tall], "rank": r}], compact_projector=compact)
     assert optimizer.state_bytes()["total"] == 0                  # the state is built at the first step
     loss = (wide @ tall).square().sum() + bias.sum()
     loss.backward()
@@ -193,13 +196,26 @@ def test_state_bytes_are_the_projected_moments_and_the_projectors():
     f32 = 4
     # wide 12 x 40 (m < n): M, V are r x 40, P is 12 x r; tall 40 x 12 (m >= n): M, V are 40 x r, P is r x 12
     moments = 2 * (r * 40 + 40 * r) * f32 + 2 * 7 * f32
-    projectors = (12 * r + r * 12) * f32
+    projectors = (12 * r + r * 12) * f32 if compact else (12 * 12 + 12 * 12) * f32   # U 12 x 12, V^T 12 x 12
     adamw = 2 * (12 * 40 + 40 * 12 + 7) * f32
     assert optimizer.state_bytes() == {"moments": moments, "projectors": projectors, "total": moments + projectors,
                                        "adamw": adamw}
     torch_adamw = torch.optim.AdamW([wide, tall, bias])
     torch_adamw.step()
     assert sum(s["exp_avg"].nbytes + s["exp_avg_sq"].nbytes for s in torch_adamw.state.values()) == adamw
+
+
+def test_compact_projector_changes_only_the_last_bits():
+    """compact_projector copies P out of the SVD factor: the same subspace and updates, other memory
+    layout, so the matmuls may round differently (never by more than a few float32 ulps here)."""
+    torch.manual_seed(0)
+    data = batches(4)
+    models = [tiny(), tiny()]
+    for model, compact in zip(models, (False, True)):
+        train(model, data, TrainConfig(lr=1e-2, max_steps=4, warmup_ratio=0.0, eps=1e-6), progress=False,
+              make_optimizer=make_galore(model, rank=4, update_proj_gap=2, compact_projector=compact))
+    for (n, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), f"{n} differs by {(p - q).abs().max().item():.3g}"
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -40,7 +40,10 @@ the paper, and what this file does (the reference's choice each time, so the two
   to every parameter, GaLore or not.
 * Parameters of groups without a ``rank`` get that same AdamW (eps on the uncorrected sqrt(V),
   decay last), not ``torch.optim.AdamW``: they differ from the training loop's default optimizer.
-* The SVD is taken in float32 (a bf16/fp16 gradient is cast up, P cast back to its dtype).
+* The SVD is taken in float32 (a bf16/fp16 gradient is cast up, P cast back to its dtype). The
+  reference keeps a float32 P as a slice of the SVD's factor, so the whole min(m, n)^2 factor stays
+  alive (for SmolLM2, 1.7M floats per layer whatever r); ours does the same by default
+  (so the two agree bit for bit) and ``compact_projector=True`` keeps only P, as the paper counts it.
 * The reference crashes on a 1-D parameter in a GaLore group and silently truncates a rank larger
   than the matrix's smaller side; here both are construction errors.
 """
@@ -98,6 +101,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
     (alpha, default 0.25), ``proj_type`` (default "std"; see the module docstring). Groups without
     ``rank`` are plain AdamW. Params may be tensors, (name, tensor) pairs (names then appear in
     errors) or group dicts, as for any torch optimizer. Defaults as the reference (eps 1e-6).
+    ``compact_projector=True`` stores P as a copy of its r rows or columns (the paper's r x min(m, n)
+    floats) instead of the reference's slice of the SVD factor, which keeps all min(m, n)^2 alive;
+    the numbers differ from the reference's only in the last bits (the matmuls see another layout).
 
     Raises:
         ValueError: bad lr/betas/eps/weight_decay, or a GaLore group with a bad rank,
@@ -106,7 +112,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0, correct_bias: bool = True):
+                 weight_decay: float = 0.0, correct_bias: bool = True, compact_projector: bool = False):
         if not lr >= 0.0 or not eps >= 0.0 or not weight_decay >= 0.0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got lr={lr}, eps={eps}, "
                              f"weight_decay={weight_decay}")
@@ -126,16 +132,20 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 check_matrix(name, p.shape, group["rank"])
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       correct_bias=correct_bias))
+        self.compact_projector = compact_projector
 
     @staticmethod
-    def _new_subspace(G: torch.Tensor, rank: int, side: str) -> dict[str, torch.Tensor]:
+    def _new_subspace(G: torch.Tensor, rank: int, side: str, compact: bool) -> dict[str, torch.Tensor]:
         """Algorithm 2: U, S, V <- SVD(G_t); P_t <- U[:, :r] (left) or V^T[:r, :] (right)."""
         U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)   # U: (m, k), Vh: (k, n), k = min(m, n)
+
+        def keep(factor):   # the reference's slice of the factor keeps all k^2 entries alive; compact: a copy
+            return factor.to(G.dtype, memory_format=torch.contiguous_format, copy=True) if compact else factor.to(G.dtype)
         if side == "left":
-            return {"P": U[:, :rank].to(G.dtype)}                      # (m, r)
+            return {"P": keep(U[:, :rank])}                            # (m, r)
         if side == "right":
-            return {"P": Vh[:rank, :].to(G.dtype)}                     # (r, n)
-        return {"P": U[:, :rank].to(G.dtype), "Q": Vh[:rank, :].to(G.dtype)}
+            return {"P": keep(Vh[:rank, :])}                           # (r, n)
+        return {"P": keep(U[:, :rank]), "Q": keep(Vh[:rank, :])}
 
     @staticmethod
     def _project(G, state, side):
@@ -173,7 +183,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if galore:
                     side = projected_side(p.shape, group["proj_type"])
                     if state["step"] % group["update_proj_gap"] == 0:     # t mod T = 0: a new subspace
-                        state.update(self._new_subspace(G, group["rank"], side))
+                        state.update(self._new_subspace(G, group["rank"], side, self.compact_projector))
                     R = self._project(G, state, side)                    # lor_grad = project(grad)
                 else:
                     R = G
@@ -199,21 +209,23 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return loss
 
     def state_bytes(self) -> dict[str, int]:
-        """Bytes of the optimizer state now (after a first step): ``moments`` (M and V, r x max(m, n)
-        for a GaLore matrix), ``projectors`` (P, and Q for "full"), their ``total``, and ``adamw``:
-        what AdamW's two full-size moments for the same parameters would take."""
+        """Bytes the optimizer state holds now (after a first step): ``moments`` (M and V, r x max(m, n)
+        for a GaLore matrix), ``projectors`` (the storage behind P, and Q for "full": all of the SVD
+        factor unless ``compact_projector``), their ``total``, and ``adamw``: what AdamW's two
+        full-size moments for the same parameters would take."""
         out = {"moments": 0, "projectors": 0}
         for state in self.state.values():
             for key, t in state.items():
                 if torch.is_tensor(t):
-                    out["moments" if key.startswith("exp_avg") else "projectors"] += t.numel() * t.element_size()
+                    held = t.untyped_storage().nbytes() if t.dim() else t.numel() * t.element_size()
+                    out["moments" if key.startswith("exp_avg") else "projectors"] += held
         out["total"] = out["moments"] + out["projectors"]
         out["adamw"] = sum(2 * p.numel() * p.element_size() for g in self.param_groups for p in g["params"])
         return out
 
 
 def make_galore(model: nn.Module, rank: int, update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
-                target_modules: list[str] | str = "all-linear", correct_bias: bool = True):
+                target_modules: list[str] | str = "all-linear", correct_bias: bool = True, compact_projector: bool = False):
     """``make_optimizer(params, config)`` for ``training.train``: GaLore on the weights of the
     ``nn.Linear`` modules that ``target_modules`` selects (peft's rule, ``core.find_targets``;
     "all-linear", the default, is every linear layer but the output head: on a Llama exactly the
@@ -250,6 +262,7 @@ def make_galore(model: nn.Module, rank: int, update_proj_gap: int = 200, scale: 
             split += [{**group, "params": plain}] if plain else []
             split += [{**group, "params": low_rank, **settings}] if low_rank else []
         return GaLoreAdamW(split, lr=config.lr, betas=config.betas, eps=config.eps,
-                           weight_decay=config.weight_decay, correct_bias=correct_bias)
+                           weight_decay=config.weight_decay, correct_bias=correct_bias,
+                           compact_projector=compact_projector)
 
     return make_optimizer
