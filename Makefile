@@ -12,7 +12,7 @@ JOBS    ?= 2
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: notebooks test test-fast lab venv bench site
+.PHONY: notebooks test test-fast lab venv bench site gpu-check gpu-prepare
 
 venv: $(STAMP)
 
@@ -44,3 +44,11 @@ site: $(STAMP)
 
 bench: $(STAMP)
 	for b in bench/bench_*.py; do $(BIN)/python -m bench.$$(basename $$b .py) || exit 1; done
+
+# On a lent GPU machine (no .venv there: its own python3 holds torch); bench/README.md has the device call.
+# gpu-prepare runs here first: the wheels the device lacks into .whl/, SmolLM2's shapes into .gpu/.
+gpu-check:
+	python3 scripts/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-prepare: $(STAMP)
+	$(BIN)/python scripts/gpu_check.py --prepare

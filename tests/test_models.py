@@ -25,6 +25,17 @@ def test_hub_ids_resolve_to_the_offline_copies():
     assert models.local_path("sentence-transformers/all-MiniLM-L6-v2").name == "model"
 
 
+def test_a_folder_named_by_the_environment_replaces_the_wheel(monkeypatch, tmp_path):
+    """``$PFS_SMOLLM2_DIR`` (the GPU check's stand-in): read instead of the wheel, even without it;
+    a folder that is not a from_pretrained folder is named in the error."""
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)     # no wheel installed
+    monkeypatch.setenv("PFS_SMOLLM2_DIR", str(tmp_path))
+    with pytest.raises(models.ModelNotAvailable, match=f"PFS_SMOLLM2_DIR names {tmp_path}, which has no config.json"):
+        models.local_path(models.SMOLLM2)
+    models.tiny_llama().save_pretrained(tmp_path)
+    assert models.local_path(models.SMOLLM2) == tmp_path
+
+
 def test_bad_task_is_refused():
     with pytest.raises(ValueError, match="task must be"):
         models.load_model(models.MINILM, task="translation")

@@ -134,6 +134,34 @@ def test_eval_fn_steps_and_mode_restored():
     assert not model.training  # the caller's mode is restored
 
 
+def test_elapsed_time_counts_training_and_not_evaluation():
+    """``History.elapsed_s``: one increasing entry per step, the time spent in ``eval_fn`` left out."""
+    import time
+    pause = 0.25
+
+    def slow_eval(m):
+        time.sleep(pause)
+        return {}
+
+    history = train(tiny_llama(), token_batches(4, 2), quiet(eval_every=1), eval_fn=slow_eval, progress=False)
+    assert len(history.elapsed_s) == 4 and all(b > a > 0 for a, b in zip(history.elapsed_s, history.elapsed_s[1:]))
+    assert history.wall_time_s >= history.elapsed_s[-1] + 4 * pause      # the wall time has the four pauses
+    assert history.elapsed_s[-1] < history.wall_time_s - 3.5 * pause       # the training time has none of them
+
+
+def test_quality_at_wall_time_reads_between_checkpoints():
+    """``tasks.time_curve`` pairs each checkpoint with the training time before it; ``loss_at_time``
+    interpolates linearly from the untrained loss at 0 s and refuses to extrapolate."""
+    from peft_from_scratch.tasks import loss_at_time, time_curve
+    hist = History(elapsed_s=[1.0, 2.0, 3.0, 4.0], eval=[{"step": 2, "test_loss": 3.0}, {"step": 4, "test_loss": 1.0}])
+    curve = time_curve(hist)
+    assert curve == {"step": [2, 4], "elapsed_s": [2.0, 4.0], "test_loss": [3.0, 1.0]}
+    assert loss_at_time(curve, 1.0, start_loss=5.0) == 4.0
+    assert loss_at_time(curve, 3.0, start_loss=5.0) == 2.0
+    with pytest.raises(ValueError, match="outside this run's 0-4.0 s"):
+        loss_at_time(curve, 4.5, start_loss=5.0)
+
+
 def test_param_groups_get_their_own_lr():
     """After one AdamW step with bias correction, m/sqrt(v) = g/|g|, so each weight moves by ~lr."""
     model = tiny_llama()

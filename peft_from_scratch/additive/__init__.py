@@ -1,5 +1,7 @@
 """Additive methods: new modules or inputs beside the frozen network.
 
+* ``ia3``: learned vectors rescaling keys, values and the FFN's intermediate activation (Liu et al. 2022),
+  ``IA3Config``.
 * ``houlsby``: bottleneck adapters after (or beside) sub-layers (Houlsby et al. 2019), ``HoulsbyConfig``;
   built from ``bottleneck.Bottleneck``.
 * ``prompt_tuning``: a trained prompt before the input embeddings (Lester et al. 2021), ``PromptTuningConfig``.
@@ -8,8 +10,9 @@
   The three share ``soft_prompt``'s forward hook.
 """
 from .houlsby import HoulsbyConfig
+from .ia3 import IA3Config
 from .p_tuning import PTuningConfig
 from .prefix_tuning import PrefixTuningConfig, fold_prefix
 from .prompt_tuning import PromptTuningConfig
 
-__all__ = ["HoulsbyConfig", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "fold_prefix"]
+__all__ = ["HoulsbyConfig", "IA3Config", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "fold_prefix"]

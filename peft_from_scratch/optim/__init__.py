@@ -18,8 +18,9 @@ from .lomo import LomoStep                                  # first: adalomo dec
 from .adalomo import AdaLomoReference, AdaLomoStep
 from .flora import Flora, FloraAccumulationStep, make_flora
 from .galore import GaLoreAdamW, make_galore
-from .mezo import OFFICIAL_NO_DECAY, MeZOStep
+from .mezo import OFFICIAL_NO_DECAY, MeZOStep, official_mezo
 from .paged_adamw import PagedAdamW, make_paged_adamw, optimizer_state_bytes
 
 __all__ = ["PagedAdamW", "make_paged_adamw", "optimizer_state_bytes", "LomoStep", "AdaLomoStep", "AdaLomoReference",
-           "GaLoreAdamW", "make_galore", "Flora", "make_flora", "FloraAccumulationStep", "MeZOStep", "OFFICIAL_NO_DECAY"]
+           "GaLoreAdamW", "make_galore", "Flora", "make_flora", "FloraAccumulationStep", "MeZOStep", "OFFICIAL_NO_DECAY",
+           "official_mezo"]

@@ -198,6 +198,7 @@ class Flora(torch.optim.Optimizer):
             V = state["exp_avg_sq"]
             V.mul_(beta2).add_(sq, alpha=1.0 - beta2)
             u = V.rsqrt().mul_(G)
+        del sq                                      # a gradient-sized temporary: not alive for the rest
 
         if momentum and not compressed:             # Adafactor's momentum: an EMA of u
             b1, M = group["beta1"], state["exp_avg"]

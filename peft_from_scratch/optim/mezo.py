@@ -195,3 +195,44 @@ class MeZOStep(Step):
         self.projected_grads += [g for g, _ in estimates]
         return StepResult(loss=sum(loss for _, loss in estimates) / self.n,
                           grad_norm=sum(abs(g) for g, _ in estimates) / self.n, lr=lr)
+
+
+def official_mezo(model, seeds, step_batches, lr, eps, weight_decay=0.0):
+    """The reference: MeZO as the official trainer computes it (``zo_perturb_parameters``, ``zo_step``,
+    ``zo_update``), written out plainly: the global generator reseeded, ``.data`` replaced out of place,
+    weight decay by ``OFFICIAL_NO_DECAY``'s name rule. Replays ``seeds`` (e.g. a ``MeZOStep``'s) with
+    a constant ``lr``. ``step_batches[t]`` is step t's list of micro-batches: the official code takes
+    exactly one; with more, their losses are averaged, as ``MeZOStep`` does. Returns one
+    (ℓ₊, ℓ₋, projected_grad) per step. The tests, the benchmark and notebook 13 prove ``MeZOStep``
+    equal to it."""
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+    def perturb(seed, scaling_factor):                 # θ ← θ + scaling_factor · ε · z
+        torch.manual_seed(seed)
+        for _, p in trained:
+            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+            p.data = p.data + scaling_factor * z * eps
+
+    def loss(group):                                   # eval mode: no dropout
+        model.eval()
+        with torch.inference_mode():
+            losses = [model(**b).loss for b in group]
+            return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+
+    out = []
+    for seed, group in zip(seeds, step_batches):
+        perturb(seed, 1)
+        loss_plus = loss(group)
+        perturb(seed, -2)
+        loss_minus = loss(group)
+        projected_grad = ((loss_plus - loss_minus) / (2 * eps)).item()
+        perturb(seed, 1)                               # reset before the descent
+        torch.manual_seed(seed)                        # the same z again
+        for name, p in trained:
+            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+            if not any(s in name for s in OFFICIAL_NO_DECAY):
+                p.data = p.data - lr * (projected_grad * z + weight_decay * p.data)
+            else:
+                p.data = p.data - lr * (projected_grad * z)
+        out.append((loss_plus.item(), loss_minus.item(), projected_grad))
+    return out

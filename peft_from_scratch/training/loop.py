@@ -78,7 +78,9 @@ class TrainConfig:
 @dataclass
 class History:
     """What happened in a run. ``loss``, ``lr`` and ``grad_norm`` (before clipping) have one entry per
-    optimizer step; ``loss`` is the mean over that step's micro-batches. ``eval`` holds one dict per
+    optimizer step; ``loss`` is the mean over that step's micro-batches; ``elapsed_s`` is the training
+    time up to the end of each step, evaluations excluded (quality against wall time: an evaluation
+    at step s happened after ``elapsed_s[s - 1]`` seconds of training). ``eval`` holds one dict per
     evaluation, ``{"step": ..., **metrics}``. ``peak_memory_mb`` is, on CUDA, the peak allocated by
     torch during the run; on CPU, the whole process's peak resident set size, which cannot be reset
     and so also counts whatever ran before."""
@@ -86,6 +88,7 @@ class History:
     loss: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
     grad_norm: list[float] = field(default_factory=list)
+    elapsed_s: list[float] = field(default_factory=list)
     eval: list[dict] = field(default_factory=list)
     tokens_per_s: float = 0.0
     peak_memory_mb: float = 0.0
@@ -184,6 +187,7 @@ def train(model: nn.Module, train_loader: Iterable[Mapping], config: TrainConfig
         history.lr.append(result.lr)
         history.loss.append(result.loss)
         history.grad_norm.append(result.grad_norm)
+        history.elapsed_s.append(time.perf_counter() - start - eval_time)   # result.loss is a float: synced
         if s % config.log_every == 0 or s == total:
             bar.set_postfix(loss=f"{history.loss[-1]:.4f}", lr=f"{history.lr[-1]:.2e}")
         if eval_fn is not None and ((config.eval_every and s % config.eval_every == 0) or s == total):
