@@ -208,21 +208,20 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256
 
 
 def _times_block_absmax(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """values[i] * absmax[i // blocksize] for flat float32 values (the short last block separately)."""
+    """values[i] *= absmax[i // blocksize], in place, for flat float32 values (a fresh gather's
+    output: multiplying in place spares a second tensor of that size); the short last block separately."""
     n = values.numel()
     full = n - n % blocksize
-    if full == n:
-        return (values.view(-1, blocksize) * absmax[:, None]).view(-1)
-    out = torch.empty_like(values)
-    out[:full] = (values[:full].view(-1, blocksize) * absmax[:-1, None]).view(-1)
-    out[full:] = values[full:] * absmax[-1]
-    return out
+    values[:full].view(-1, blocksize).mul_(absmax[:full // blocksize, None])
+    if full < n:
+        values[full:].mul_(absmax[-1])
+    return values
 
 
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                          blocksize: int) -> torch.Tensor:
     """code[q] * absmax of q's block, in float32 (the same product bitsandbytes computes)."""
-    return _times_block_absmax(code.to(q.device)[q.reshape(-1).int()], absmax, blocksize)
+    return _times_block_absmax(torch.index_select(code.to(q.device), 0, q.reshape(-1).int()), absmax, blocksize)
 
 
 # ----------------------------------------------------------------------------- the quantization state
@@ -418,9 +417,12 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, check: bool = True)
     """
     check_state(packed, state, fingerprint=check)
     absmax = dequantize_absmax(state)
-    # One lookup per byte: row b of `pairs` is (code[b >> 4], code[b & 15]), high nibble first.
-    pairs = torch.stack([state.code.repeat_interleave(16), state.code.repeat(16)], dim=1)
-    values = pairs[packed.reshape(-1).int()].view(-1)[:state.numel]
+    # One lookup per byte: row b of `pairs` is (code[b >> 4], code[b & 15]), high nibble first. Each row
+    # is read as one 8-byte word, so the gather moves one element per byte: a 1-D index_select, about
+    # 5x faster on CPU than indexing the rows of a (256, 2) table, and the same bits.
+    pairs = torch.stack([state.code.repeat_interleave(16), state.code.repeat(16)], dim=1).float().contiguous()
+    words = torch.index_select(pairs.view(torch.int64).view(-1), 0, packed.reshape(-1).int())
+    values = words.view(torch.float32)[:state.numel]
     return _times_block_absmax(values, absmax, state.blocksize).view(state.shape).to(state.dtype)
 
 
