@@ -9,6 +9,10 @@ A folder written by ``save_adapter`` holds
 mismatched config or tensors that do not fit raise and leave the model as it was. Folders written
 by the first release (no ``format``; the method stored as its file name, e.g. ``"adapters"``) load
 too: the registry's aliases map the name, the config's ``renames_v1`` the tensor names.
+
+In a run of several processes (``training.distributed``) ``save_adapter`` is collective: every rank
+calls it, the tensors of an FSDP-sharded model are gathered, rank 0 writes, and all ranks wait for
+the files before going on.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import registry
+from . import processes, registry
 from .adapter import AdapterConfig
 from .inject import adapter_layers, add_adapter, is_adapter_key, remove_adapter
 
@@ -44,14 +48,19 @@ def base_fingerprint(model: nn.Module, config: AdapterConfig | None = None) -> s
     for key, t in sorted(model.state_dict().items()):
         if is_adapter_key(model, key, config):
             continue
-        t = t.detach().to("cpu", torch.float64)
+        t = _whole(t).detach().to("cpu", torch.float64)
         h.update(f"{key.replace('.base_layer', '')}|{tuple(t.shape)}|"
                  f"{t.sum().item():.6e}|{t.abs().sum().item():.6e}\n".encode())
     return h.hexdigest()[:16]
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if is_adapter_key(model, k)}
+    return {k: _whole(v).detach().cpu().contiguous() for k, v in model.state_dict().items()
+            if is_adapter_key(model, k)}
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return processes.full_tensor(t)   # an FSDP shard gathered (a collective); any other tensor as it is
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -67,10 +76,13 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
     if config is None:
         raise ValueError("the model has no adapter to save; add one with add_adapter(model, config)")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "config": config.to_dict(), "base_fingerprint": base_fingerprint(model)}
-    _write_atomically(path / "adapter.safetensors", lambda tmp: save_file(adapter_state_dict(model), tmp))
-    _write_atomically(path / "adapter.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    state = adapter_state_dict(model)
+    if processes.is_main():   # in a parallel run rank 0 writes, the others wait for it below
+        path.mkdir(parents=True, exist_ok=True)
+        _write_atomically(path / "adapter.safetensors", lambda tmp: save_file(state, tmp))
+        _write_atomically(path / "adapter.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    processes.barrier()
     return path
 
 

@@ -47,7 +47,13 @@ def make_adamw(params, config) -> torch.optim.Optimizer:
 
 
 class Step:
-    """The protocol: ``setup`` once, then one call per optimizer step."""
+    """The protocol: ``setup`` once, then one call per optimizer step.
+
+    ``parallel`` names the multi-process modes under which the step trains what it would in one
+    process on the whole batch (``training.distributed``): a step whose update depends on the data
+    only through gradients that DDP averages (or FSDP reduce-scatters) across ranks.
+    """
+    parallel: tuple[str, ...] = ()
 
     def setup(self, model: nn.Module, config) -> list[torch.Tensor]:
         """Prepare (build the optimizer, ...) and return the tensors this step trains."""
@@ -68,6 +74,8 @@ class BackpropStep(Step):
         params: what to train: tensors or param-group dicts (groups without "lr" use ``config.lr``);
             default every parameter that requires grad.
     """
+
+    parallel = ("ddp", "fsdp")
 
     def __init__(self, make_optimizer: Callable[..., torch.optim.Optimizer] = make_adamw, params=None):
         self.make_optimizer = make_optimizer
@@ -104,6 +112,8 @@ class BackpropStep(Step):
         lr = self.set_lr(lr_scale)
         loss = self.backward(batches, forward)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.max_norm)  # the norm before clipping
+        if hasattr(grad_norm, "full_tensor"):     # under FSDP: a DTensor, already reduced over the ranks
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss, float(grad_norm), lr)

@@ -269,6 +269,7 @@ class FloraAccumulationStep(BackpropStep):
         make_optimizer: ``make_optimizer(groups, config)`` returning a ``Flora`` (default ``make_flora()``).
         seed: the first accumulation seed.
     """
+    parallel = ()   # updates inside backward hooks, before DDP would have averaged the gradient
 
     def __init__(self, rank: int, make_optimizer: Callable[..., Flora] | None = None, seed: int = 0):
         if not isinstance(rank, int) or rank < 1:

@@ -38,6 +38,7 @@ class MaskedGradientStep(BackpropStep):
         density: share of entries kept per tensor, in (0, 1]; or {name: density}; or a function of the name.
         make_optimizer, params: as ``BackpropStep``; ``params`` must be tensors, not groups, so they can be named.
     """
+    parallel = ("ddp",)   # the masks are whole tensors; FSDP's gradients are shards
 
     def __init__(self, burn_in: int, density: float | Mapping[str, float] | Callable[[str], float],
                  make_optimizer: Callable[..., torch.optim.Optimizer] = make_adamw):

@@ -24,6 +24,9 @@ Gradient accumulation: each micro-batch loss is divided by ``grad_accum`` and ba
 the optimizer steps every ``grad_accum`` micro-batches: the update of a ``grad_accum`` times larger
 batch (exactly, when micro-batches hold equal token counts). Micro-batches form one stream across
 epochs; a trailing incomplete group is dropped.
+
+Several processes: launched by ``accelerate launch`` or ``torchrun``, the same call trains with data
+parallelism (DDP) or sharding (FSDP), each rank on its slice of every batch (``training.distributed``).
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from torch import nn
 from tqdm import tqdm  # the text bar: it renders in terminals and in committed notebooks alike
 
 from ..core.step import BackpropStep, Step, make_adamw
+from . import distributed
 
 __all__ = ["TrainConfig", "History", "train", "evaluate_loss", "set_seed", "lr_multiplier", "set_progress"]
 
@@ -73,6 +77,8 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"             # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
     device: str = "auto"                # "auto": leave a model on an accelerator, else CUDA if present
+    parallel: str = "auto"              # launched as N > 1 processes: "ddp" | "fsdp" | "auto" (FSDP if
+                                        # `accelerate launch --use_fsdp`, else DDP) | "none" (this one alone)
 
 
 @dataclass
@@ -83,7 +89,8 @@ class History:
     at step s happened after ``elapsed_s[s - 1]`` seconds of training). ``eval`` holds one dict per
     evaluation, ``{"step": ..., **metrics}``. ``peak_memory_mb`` is, on CUDA, the peak allocated by
     torch during the run; on CPU, the whole process's peak resident set size, which cannot be reset
-    and so also counts whatever ran before."""
+    and so also counts whatever ran before. In a parallel run ``loss`` and the metrics are over all
+    ranks (the same History on each), ``peak_memory_mb`` is this rank's."""
     step: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
@@ -95,6 +102,7 @@ class History:
     wall_time_s: float = 0.0
     device: str = ""
     trainable_params: int = 0
+    world_size: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -143,6 +151,9 @@ def train(model: nn.Module, train_loader: Iterable[Mapping], config: TrainConfig
     low_rank}]``; groups without an "lr" use ``config.lr``; ``History.lr`` records the first group's).
     ``eval_fn(model) -> {name: value}`` runs every ``eval_every`` optimizer steps and at the end, in
     eval mode under ``torch.no_grad``. The model's train/eval mode is restored on return.
+
+    Under ``accelerate launch`` / ``torchrun`` with N processes, every rank calls ``train`` the same
+    way (``training.distributed`` says what changes: the model wrapped, each batch split N ways).
     """
     config = config or TrainConfig()
     if config.schedule not in ("linear", "constant") or config.precision not in ("auto", "fp32", "bf16"):
@@ -154,54 +165,72 @@ def train(model: nn.Module, train_loader: Iterable[Mapping], config: TrainConfig
                          "not to train() alongside step=")
     set_seed(config.seed)
     device = _resolve_device(model, config.device)
+    par = distributed.setup(config.parallel, device)
+    if par.mode != "none":
+        _check_parallel(par, step, train_loader, config)
+        if device.type == "cuda":   # the launcher gave this rank its own GPU
+            device = torch.device("cuda", torch.cuda.current_device())
     if _model_device(model) != device:
         model.to(device)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
 
+    net = par.wrap(model)                     # model itself, or DDP around it; FSDP shards model in place
     trainable = step.setup(model, config)
     total = config.max_steps or config.epochs * len(train_loader) // config.grad_accum
     if total < 1:
         raise ValueError("no optimizer step to take: too few batches for grad_accum")
     warmup = math.ceil(config.warmup_ratio * total)
     history = History(device=f"cpu ({torch.get_num_threads()} threads)",
-                      trainable_params=sum(p.numel() for p in trainable))
+                      trainable_params=sum(p.numel() for p in trainable), world_size=par.world_size)
     if device.type == "cuda":
         history.device = torch.cuda.get_device_name(device)
         torch.cuda.reset_peak_memory_stats(device)
+    if par.mode != "none":
+        history.device += f" x {par.world_size} ranks ({par.mode})"
+
+    causal = par.mode != "none" and distributed.is_causal_lm(model)
 
     def forward(batch: Mapping) -> torch.Tensor:
+        batch = par.shard(batch)                           # this rank's rows (all of them in one process)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return _loss(model(**_to_device(batch, device)))
+            loss = _loss(net(**_to_device(batch, device)))
+        return loss if par.mode == "none" else loss * par.loss_weight(batch, causal)
 
     was_training = model.training
     model.train()
     batches = _micro_batches(train_loader, None if config.max_steps else config.epochs)
     tokens, eval_time, start = 0, 0.0, time.perf_counter()
-    bar = tqdm(range(1, total + 1), disable=not progress or _PROGRESS == "line", desc=desc, unit="step",
+    show = progress and par.is_main
+    bar = tqdm(range(1, total + 1), disable=not show or _PROGRESS == "line", desc=desc, unit="step",
                mininterval=10)
-    for s in bar:  # one optimizer step = grad_accum micro-batches
-        micro = [next(batches) for _ in range(config.grad_accum)]
-        tokens += sum(_count_tokens(b) for b in micro)
-        result = step(model, micro, forward, lr_multiplier(s - 1, total, warmup, config.schedule))
-        history.step.append(s)
-        history.lr.append(result.lr)
-        history.loss.append(result.loss)
-        history.grad_norm.append(result.grad_norm)
-        history.elapsed_s.append(time.perf_counter() - start - eval_time)   # result.loss is a float: synced
-        if s % config.log_every == 0 or s == total:
-            bar.set_postfix(loss=f"{history.loss[-1]:.4f}", lr=f"{history.lr[-1]:.2e}")
-        if eval_fn is not None and ((config.eval_every and s % config.eval_every == 0) or s == total):
-            t0 = time.perf_counter()
-            history.eval.append({"step": s, **_run_eval(model, eval_fn)})
-            eval_time += time.perf_counter() - t0
+    with distributed.activate(par):
+        for s in bar:  # one optimizer step = grad_accum micro-batches
+            micro = [next(batches) for _ in range(config.grad_accum)]
+            tokens += sum(_count_tokens(par.shard(b)) for b in micro)
+            result = step(model, micro, forward, lr_multiplier(s - 1, total, warmup, config.schedule))
+            history.step.append(s)
+            history.lr.append(result.lr)
+            history.loss.append(par.mean(result.loss))     # weighted: the loss of the whole batch
+            history.grad_norm.append(result.grad_norm)
+            history.elapsed_s.append(time.perf_counter() - start - eval_time)   # result.loss is a float: synced
+            if s % config.log_every == 0 or s == total:
+                bar.set_postfix(loss=f"{history.loss[-1]:.4f}", lr=f"{history.lr[-1]:.2e}")
+            if eval_fn is not None and ((config.eval_every and s % config.eval_every == 0) or s == total):
+                t0 = time.perf_counter()
+                metrics = _run_eval(model, eval_fn)
+                if par.mode == "fsdp":
+                    distributed.reshard(model)         # an evaluation left the root's weights gathered
+                history.eval.append({"step": s, **{k: par.mean(v) for k, v in metrics.items()}})
+                eval_time += time.perf_counter() - t0
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     history.wall_time_s = time.perf_counter() - start
+    tokens = par.sum(tokens)
     history.tokens_per_s = tokens / max(history.wall_time_s - eval_time, 1e-9)  # training time only
     history.peak_memory_mb = _peak_memory_mb(device)
     model.train(was_training)
-    if progress and _PROGRESS == "line":
+    if show and _PROGRESS == "line":
         print(f"{desc or 'train'}: {total} steps in {history.wall_time_s:.0f} s "
               f"({history.wall_time_s / total:.2f} s/step), training loss {history.loss[0]:.4f} -> {history.loss[-1]:.4f}")
     return history
@@ -213,18 +242,43 @@ def evaluate_loss(model: nn.Module, loader: Iterable[Mapping]) -> float:
     != -100 (1 if it has no labels). Causal LMs never predict a sequence's first label, so their
     weights are one token per sequence too high; exact when all batches have the same shape."""
     was_training, device = model.training, _model_device(model)
+    par = distributed.active()   # inside a parallel train(): each rank its slice, summed over ranks
     model.eval()
     total, weight = 0.0, 0
     for batch in loader:
+        batch = par.shard(batch)
         labels = batch.get("labels")
         n = int((labels != -100).sum()) if labels is not None else 1
         total += _loss(model(**_to_device(batch, device))).item() * n
         weight += n
     model.train(was_training)
-    return total / weight
+    return par.sum(total) / par.sum(weight)
 
 
 # --- helpers ---
+def _check_parallel(par, step: Step, loader, config: TrainConfig) -> None:
+    """Refuse, before anything changes, a parallel run that would train something else than one
+    process would."""
+    if par.mode not in step.parallel:
+        raise ValueError(f"{type(step).__name__} does not support parallel={par.mode!r} ({par.world_size} "
+                         f"processes); it supports {step.parallel or 'a single process only'}")
+    batch_size = getattr(loader, "batch_size", None)
+    if batch_size is not None:
+        par.check_batch(batch_size)
+        n = len(getattr(loader, "dataset", ()))
+        if n and not getattr(loader, "drop_last", False) and n % batch_size:
+            par.check_batch(n % batch_size, "the last batch")
+    if par.mode == "fsdp" and getattr(step, "params", None) is not None:
+        raise ValueError("under FSDP the step trains the parameters that require grad: FSDP replaces each "
+                         "parameter by its shard, so tensors passed as params= would not be trained")
+    make_optimizer = getattr(step, "make_optimizer", None)
+    if par.mode == "fsdp" and make_optimizer is not None:   # which optimizer, asked on a 1x1 stand-in
+        optimizer = make_optimizer([{"params": [nn.Parameter(torch.zeros(1, 1))]}], config)
+        if not type(optimizer).__module__.startswith("torch.optim"):
+            raise ValueError(f"under FSDP each rank holds a shard of every parameter; {type(optimizer).__name__} "
+                             f"needs whole matrices (a torch.optim optimizer works on shards): use parallel='ddp'")
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
