@@ -62,6 +62,10 @@ STAGES = (
     Stage("bench_rosa", ("-m", "bench.bench_rosa", "--device", "cuda"), 90),
     Stage("bench_lora_dora", ("-m", "bench.bench_lora_dora", "--device", "cuda"), 90),
     Stage("bench_qlora", ("-m", "bench.bench_qlora", "--device", "cuda"), 90),
+    # the one loop under FSDP on every GPU there (one GPU: FSDP with 1 rank, NCCL), against one process
+    Stage("distributed", ("-m", "torch.distributed.run", "--nproc_per_node", "gpu", "scripts/train_distributed.py",
+                          "--tiny", "--check", "--parallel", "fsdp", "--method", "lora,qlora,full", "--progress", "line",
+                          "--out", "bench/results/distributed_gpu"), 90),
 )
 
 
@@ -162,7 +166,11 @@ def make_stand_in(folder: Path, seed: int = 0) -> None:
 
 
 def print_env() -> None:
+    import logging
     import torch
+    # bitsandbytes' CPU backend logs that it could not fetch an optional kernel from the hub (offline);
+    # the log must stay one JSON document, so its warnings are held back (an import error still shows)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     for package in ("transformers", "peft", "triton", "accelerate", "bitsandbytes"):

@@ -46,6 +46,7 @@ CASES = {f"{mode}-{name}-{i}": (mode, (name, i), "sgd") for mode, name, i in ada
 CASES.update({f"{mode}-{what}": (mode, what, "sgd") for mode in ("ddp", "fsdp") for what in ("full", "qlora")})
 CASES["ddp-peft_lora"] = ("ddp", "peft_lora", "sgd")
 CASES.update({f"{mode}-lora-0-adamw": (mode, ("lora", 0), "adamw") for mode in ("ddp", "fsdp")})
+PEFT_FORMAT = ("ddp-lora-0", "fsdp-lora-0")   # also saved in peft's format, through the interop module
 MASKED = {f"{mode}-{what}-masked" for mode in ("ddp", "fsdp") for what in ("lora-0", "full")}
 CASES.update({f"{mode}-lora-0-masked": (mode, ("lora", 0), "sgd") for mode in ("ddp", "fsdp")})
 CASES.update({f"{mode}-full-masked": (mode, "full", "sgd") for mode in ("ddp", "fsdp")})
@@ -54,6 +55,8 @@ CASES.update({f"{mode}-full-masked": (mode, "full", "sgd") for mode in ("ddp", "
 def build(what):
     """A fresh tiny Llama with the case's trainable part (seeded: every rank builds the same)."""
     model = tiny_llama()
+    if what == "plain":
+        return model
     if what == "full":
         model.train().requires_grad_(True)
     elif what == "qlora":
@@ -110,6 +113,9 @@ def run_case(name: str, out: Path) -> None:
     state = trained_state(model)
     if getattr(model, "adapter_config", None) is not None:
         core.save_adapter(model, out / name / "adapter")
+    if name in PEFT_FORMAT:
+        from peft_from_scratch.interop import peft as pio
+        pio.save_peft_adapter(model, out / name / "peft")
     if distributed.is_main():
         torch.save(state, out / name / "trained.pt")
         (out / name / "history.json").write_text(json.dumps(history.to_dict()))

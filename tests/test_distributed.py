@@ -16,44 +16,23 @@ same batches, and:
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from peft_from_scratch import core, train
-from tests.distributed_worker import CASES, MASKED, batches, build, config, step, trained_state
+from peft_from_scratch.training import distributed
+from tests.distributed_worker import CASES, MASKED, PEFT_FORMAT, batches, build, config, step, trained_state
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """``accelerate launch`` on 2 CPU processes of 1 thread each; raises with its output on failure."""
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *args]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if done.returncode:
-        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
-    return done
-
-
 @pytest.fixture(scope="module")
 def parallel_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("distributed")
-    launch(["--multi_gpu", "tests/distributed_worker.py", str(out)])
+    distributed.launch("tests/distributed_worker.py", [out], cpu=True, cwd=ROOT)   # accelerate launch --multi_gpu
     return out
 
 
@@ -95,6 +74,19 @@ def test_adapter_saved_in_parallel_loads_bit_exactly(parallel_run, name):
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
 
 
+@pytest.mark.parametrize("name", PEFT_FORMAT)
+def test_peft_format_saved_in_parallel_loads_bit_exactly(parallel_run, name):
+    from peft import PeftModel
+    from peft_from_scratch.interop import peft as pio
+    saved = torch.load(parallel_run / name / "trained.pt")
+    ours = pio.load_peft_adapter(build("plain"), parallel_run / name / "peft")
+    assert all(torch.equal(v, saved[k]) for k, v in trained_state(ours).items())
+    theirs = PeftModel.from_pretrained(build("plain"), parallel_run / name / "peft")
+    x = batches().dataset[0]["input_ids"][None]
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=x).logits, ours(input_ids=x).logits, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_launches_are_refused_with_the_reason(parallel_run):
     errors = json.loads((parallel_run / "errors.json").read_text())
     assert "a batch of 3 rows does not split over 2 ranks" in errors["batch_not_divisible"]
@@ -116,13 +108,15 @@ def test_parallel_modes_need_a_launcher():
 def test_the_provided_script_equals_one_process(tmp_path, launcher, method):
     """``scripts/train_distributed.py --check``, as the README launches it (here on the tiny model):
     the parallel run equals rank 0's run alone, and the saved adapter loads bit-exactly."""
-    done = launch([launcher, "scripts/train_distributed.py", "--tiny", "--check", "--method", method,
-                   "--out", str(tmp_path)])
-    result = json.loads((tmp_path / "result.json").read_text())
+    done = distributed.launch("scripts/train_distributed.py", ["--tiny", "--check", "--method", method,
+                              "--out", tmp_path], fsdp=launcher == "--use_fsdp", cpu=True, cwd=ROOT)
+    result = json.loads((tmp_path / method / "result.json").read_text())
     mode = "fsdp" if launcher == "--use_fsdp" else "ddp"
     assert result["world_size"] == 2 and f"({mode})" in result["device"], result["device"]
-    assert result["max_abs_diff_vs_one_process"] <= result["tolerance"] and result["loaded_bit_exact"]
-    assert "2 ranks vs one process" in done.stdout
+    check = result["check"]
+    assert check["passed"] and check["loaded_bit_exact"], check
+    assert check["first_gradients"]["outside"] == 0 and check["first_gradients"]["total"] > 0
+    assert f"{method}: 2 ranks vs one process" in done.stdout
     per_rank, whole = result["memory_per_rank"], result["memory_whole"]
     assert len(per_rank) == 2
     for part in ("frozen base", "trained weights", "optimizer state"):   # DDP replicates, FSDP shards

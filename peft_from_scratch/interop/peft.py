@@ -40,6 +40,7 @@ from ..additive.p_tuning import PTuningConfig
 from ..additive.prefix_tuning import PrefixTuningConfig
 from ..additive.prompt_tuning import PromptTuningConfig
 from ..core import AdapterConfig, add_adapter, adapter_layers, adapter_state_dict, base_fingerprint, find_targets
+from ..core import processes
 from ..core.checkpoint import read_tensors
 from ..reparameterized.dora import DoRAConfig
 from ..reparameterized.lora import LoRAConfig
@@ -213,13 +214,15 @@ def save_peft_adapter(model: nn.Module, path: str | Path) -> Path:
             cfg.target_modules = sorted(adapter_layers(model))
         tensors = {to_peft_key(k): v for k, v in adapter_state_dict(model).items()}
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     cfg.base_model_name_or_path = getattr(model, "name_or_path", None) or None
-    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt", FINGERPRINT_KEY: fingerprint})
     config_dict = cfg.to_dict()
     config_dict["target_modules"] = sorted(config_dict["target_modules"]) if isinstance(
         config_dict.get("target_modules"), (set, list)) else config_dict.get("target_modules")
-    (path / "adapter_config.json").write_text(json.dumps(config_dict, indent=2, default=list) + "\n")
+    if processes.is_main():   # in a run of several processes (every rank calls this) rank 0 writes
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt", FINGERPRINT_KEY: fingerprint})
+        (path / "adapter_config.json").write_text(json.dumps(config_dict, indent=2, default=list) + "\n")
+    processes.barrier()
     return path
 
 

@@ -38,8 +38,11 @@ codes in bf16) for the FSDP + QLoRA work of Answer.AI; FSDP2 needs no such trick
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -47,7 +50,7 @@ from torch import nn
 from ..core.processes import barrier, full_tensor, is_main
 
 __all__ = ["Parallel", "setup", "active", "full_tensor", "is_main", "barrier", "local_nbytes", "model_state_bytes",
-           "gather_object"]
+           "gather_object", "launch"]
 
 MODES = ("auto", "none", "ddp", "fsdp")
 
@@ -133,19 +136,27 @@ def launched_world_size() -> int:
 
 
 def setup(mode: str, device: torch.device) -> Parallel:
-    """Join the launched processes (once per process) and decide the mode of this run."""
+    """Join the launched processes (once per process) and decide the mode of this run.
+
+    "auto" is a single process unless a launcher started this one: then FSDP under ``accelerate
+    launch --use_fsdp``, else DDP when there are several processes. One launched process may run
+    "fsdp" or "ddp" (on one GPU, FSDP with 1 rank still shows the wrapping, and shards nothing).
+    """
     if mode not in MODES:
         raise ValueError(f"parallel must be one of {MODES}, got {mode!r}")
-    n = launched_world_size()
-    if mode == "none" or (mode == "auto" and n == 1):
+    launched = "LOCAL_RANK" in os.environ          # set by torchrun and accelerate launch
+    if mode == "none" or (mode == "auto" and not launched):
         return Parallel()
-    if n == 1:
+    if not launched:
         raise ValueError(f"parallel={mode!r} needs several processes: launch the script with "
                          f"`accelerate launch --num_processes N` or `torchrun --nproc_per_node N`")
+    if mode == "auto":
+        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+        mode = "fsdp" if fsdp else "ddp" if launched_world_size() > 1 else "none"
+        if mode == "none":
+            return Parallel()
     from accelerate import PartialState
     state = PartialState(cpu=device.type == "cpu")   # initialises torch.distributed from the launcher's env
-    if mode == "auto":
-        mode = "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") else "ddp"
     return Parallel(mode, state.process_index, state.num_processes)
 
 
@@ -259,6 +270,33 @@ def gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def launch(script: str | Path, args: list[str] = (), processes: int = 2, fsdp: bool = False, threads: int = 1,
+           cpu: bool = False, cwd: str | Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run ``script`` on ``processes`` ranks with ``accelerate launch`` (``--use_fsdp`` or
+    ``--multi_gpu``: without GPUs, or with ``cpu``, CPU processes on gloo), each with ``threads``
+    torch threads, on a free port; returns the finished process, raising with its output's tail if
+    it failed."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT",
+                                                              "MASTER_ADDR", "ACCELERATE_USE_FSDP")}
+    env["OMP_NUM_THREADS"] = str(threads)
+    if cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    if cwd is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp" if fsdp else "--multi_gpu",
+           "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(port), str(script), *map(str, args)]
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
+                           f"{done.stderr[-3000:]}")
+    return done
 
 
 def _comm_device() -> torch.device:
