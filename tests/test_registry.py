@@ -66,6 +66,11 @@ def test_adapters_saved_by_the_first_release_still_load(folder):
     model = tiny_bert() if "bert" in folder else tiny_llama()
     core.load_adapter(model, path)
     assert model.adapter_config.method == registry.resolve(meta["config"]["method"])
+    _, saved, _ = core.checkpoint.read_saved(path)          # the file's tensors under today's names
+    loaded = core.checkpoint.adapter_state_dict(model)
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
     with torch.no_grad():
         logits = model.eval()(input_ids=expected["input_ids"]).logits
-    assert torch.equal(logits, expected["logits"])
+    # the logits the first release computed, to float32 rounding: bit for bit on the machine that
+    # wrote them, while another CPU's matmul kernels may round the last bit differently (1.8e-7 seen)
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-6)
