@@ -157,3 +157,57 @@ def test_merge_then_unmerge_gives_back_the_base_weights():
     core.unmerge_adapter(model)
     for n, layer in core.adapter_layers(model).items():
         torch.testing.assert_close(layer.base_layer.weight, base[n], rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- peft's files, both ways
+
+FILE_CASES = {"llama default": (tiny_llama, *DEFAULT_TARGETS["llama"], None),
+              "llama custom": (tiny_llama, ["q_proj", "up_proj", "down_proj"], ["down_proj"], None),
+              "bert seq-cls": (tiny_bert, *DEFAULT_TARGETS["bert"], "SEQ_CLS")}
+
+
+@pytest.mark.parametrize("case", list(FILE_CASES))
+def test_ours_saved_in_peft_format_loads_in_peft_and_back(case, tmp_path):
+    """save_peft_adapter -> PeftModel.from_pretrained computes what ours does; load_peft_adapter
+    gives back our tensors bit for bit (and the same config)."""
+    from peft import PeftModel
+    from peft_from_scratch.interop import peft as pio
+    make, targets, feedforward, task = FILE_CASES[case]
+    ours, _, _ = twin(make(), targets, feedforward, task)
+    pio.save_peft_adapter(ours, tmp_path)
+    theirs = PeftModel.from_pretrained(make(), tmp_path).eval()
+    data = batches(1, shape=(2, 10), seq_cls=task is not None)[0]
+    with torch.no_grad():
+        close(ours(**data).logits, theirs(**data).logits, "logits of peft loading our file")
+    back = pio.load_peft_adapter(make(), tmp_path)
+    assert back.adapter_config.feedforward_modules == ours.adapter_config.feedforward_modules
+    mine, loaded = core.adapter_state_dict(ours), core.adapter_state_dict(back)
+    assert mine.keys() == loaded.keys() and all(torch.equal(mine[k], loaded[k]) for k in mine)
+
+
+@pytest.mark.parametrize("case", list(FILE_CASES))
+def test_peft_saved_loads_in_ours(case, tmp_path):
+    from peft_from_scratch.interop import peft as pio
+    make, targets, feedforward, task = FILE_CASES[case]
+    ours, theirs, _ = twin(make(), targets, feedforward, task)
+    theirs.save_pretrained(tmp_path)
+    loaded = pio.load_peft_adapter(make(), tmp_path).eval()
+    data = batches(1, shape=(2, 10), seq_cls=task is not None)[0]
+    with torch.no_grad():
+        close(loaded(**data).logits, theirs(**data).logits, "logits of ours loading peft's file")
+
+
+def test_a_peft_file_that_does_not_fit_is_refused_and_the_model_untouched(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from peft_from_scratch.interop import peft as pio
+    _, theirs, _ = twin(tiny_llama(), *DEFAULT_TARGETS["llama"])
+    theirs.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    key = next(k for k in state if k.endswith("k_proj.ia3_l"))
+    state[key] = state[key].view(1, -1)                   # an output vector stored as an input one
+    save_file(state, tmp_path / "adapter_model.safetensors")
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"k_proj \(output scaling\) needs \(32, 1\)"):
+        pio.load_peft_adapter(model, tmp_path)
+    assert not core.adapter_layers(model) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -1,8 +1,8 @@
 """Everything peft-specific: its configs, its tensor names, its files, and the twin of any adapter.
 
-peft (huggingface/peft 0.21) has five of our methods: LoRA, DoRA (``LoraConfig(use_dora=True)``),
-prompt tuning, P-tuning (``PromptEncoderConfig``) and prefix tuning, plus ShiRA, which equals RoSA
-with r = 0 on the same masks. This module is the only place that knows how they are spelled there:
+peft (huggingface/peft 0.21) has six of our methods: LoRA, DoRA (``LoraConfig(use_dora=True)``),
+(IA)³ (``IA3Config``), prompt tuning, P-tuning (``PromptEncoderConfig``) and prefix tuning, plus
+ShiRA, which equals RoSA with r = 0 on the same masks. This module is the only place that knows how they are spelled there:
 
 * ``peft_config(config, model)``: peft's config for one of ours (``LORA_FIELDS`` maps the names);
 * ``twin(base, config)``: ours and peft's on two copies of one base, with identical adapter values,
@@ -16,6 +16,8 @@ Tensor names. In memory peft inserts the adapter name ("default"); on disk it le
     model.layers.0.self_attn.q_proj.lora.A base_model.model.model.layers.0...q_proj.lora_A.weight     lora_A.default.weight
     model.layers.0.self_attn.q_proj.lora.B base_model.model.model.layers.0...q_proj.lora_B.weight     lora_B.default.weight
     ...q_proj.variant.m (DoRA)             base_model.model....q_proj.lora_magnitude_vector          lora_magnitude_vector.default.weight
+    ...k_proj.l ((IA)³, flat)              base_model.model....k_proj.ia3_l (d_out x 1; 1 x d_in for  ia3_l.default
+                                           the feedforward_modules, which scale their input)
     classifier.weight (modules_to_save)    base_model.model.classifier.weight                        classifier.modules_to_save.default.weight
     prompt_encoder.embedding.weight        prompt_embeddings (what the encoder computes, n x d)      prompt_encoder.default.embedding.weight
 
@@ -36,12 +38,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..additive.ia3 import IA3Config
 from ..additive.p_tuning import PTuningConfig
 from ..additive.prefix_tuning import PrefixTuningConfig
 from ..additive.prompt_tuning import PromptTuningConfig
 from ..core import AdapterConfig, add_adapter, adapter_layers, adapter_state_dict, base_fingerprint, find_targets
 from ..core import processes
 from ..core.checkpoint import read_tensors
+from ..core.targets import matches
 from ..reparameterized.dora import DoRAConfig
 from ..reparameterized.lora import LoRAConfig
 from ..reparameterized.rosa import RoSAConfig, rosa_layers
@@ -86,6 +90,10 @@ def peft_config(config: AdapterConfig, model: nn.Module, task: str | None = None
             use_dora=isinstance(config, DoRAConfig), target_modules=config.target_modules, task_type=task,
             modules_to_save=list(config.modules_to_save) or None, inference_mode=inference_mode,
             init_lora_weights="gaussian" if config.init == "gaussian" else True)
+    if isinstance(config, IA3Config):
+        return peft.IA3Config(target_modules=config.target_modules, feedforward_modules=config.feedforward_modules,
+                              task_type=task, modules_to_save=list(config.modules_to_save) or None,
+                              inference_mode=inference_mode)
     common = dict(task_type=task, num_virtual_tokens=config.num_virtual_tokens, inference_mode=inference_mode)
     if isinstance(config, PromptTuningConfig):
         if config.init not in PROMPT_INITS:
@@ -103,8 +111,8 @@ def peft_config(config: AdapterConfig, model: nn.Module, task: str | None = None
     if isinstance(config, PrefixTuningConfig):
         return peft.PrefixTuningConfig(prefix_projection=config.prefix_projection,
                                        encoder_hidden_size=config.encoder_hidden_size, **common)
-    raise NotImplementedError(f"peft has no {config.method!r} adapter (it has LoRA, DoRA, prompt tuning, P-tuning "
-                              "and prefix tuning; for RoSA with r = 0 see shira_twin)")
+    raise NotImplementedError(f"peft has no {config.method!r} adapter (it has LoRA, DoRA, (IA)³, prompt tuning, "
+                              "P-tuning and prefix tuning; for RoSA with r = 0 see shira_twin)")
 
 
 # ----------------------------------------------------------------------------- tensor names
@@ -209,6 +217,11 @@ def save_peft_adapter(model: nn.Module, path: str | Path) -> Path:
             encoder = model.prompt_encoder
             prompt = encoder.prefix() if isinstance(config, PrefixTuningConfig) else encoder.prompts()
         tensors = {"prompt_embeddings": prompt.detach().cpu().contiguous()}
+    elif isinstance(config, IA3Config):
+        layers = {f"{n}.l": m for n, m in adapter_layers(model).items()}
+        tensors = {(PEFT_PREFIX + k[:-len(".l")] + ".ia3_l" if k in layers else to_peft_key(k)):
+                   (v.view(1, -1) if layers[k].on_input else v.view(-1, 1)).contiguous() if k in layers else v
+                   for k, v in adapter_state_dict(model).items()}
     else:
         if config.target_modules == "all-linear":     # peft, too, writes the names "all-linear" selected
             cfg.target_modules = sorted(adapter_layers(model))
@@ -245,17 +258,22 @@ def load_peft_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     with safe_open(path / "adapter_model.safetensors", "pt") as f:
         metadata = f.metadata() or {}
     state = read_tensors(path / "adapter_model.safetensors")
-    if FINGERPRINT_KEY in metadata and metadata[FINGERPRINT_KEY] != base_fingerprint(model):
-        raise ValueError(f"the adapter in {path} was saved for another base model "
-                         f"(fingerprint {metadata[FINGERPRINT_KEY]}, this model has {base_fingerprint(model)})")
+    # our fingerprint, first: it leaves out what the adapter trains (modules_to_save), as when it was written
+    if FINGERPRINT_KEY in metadata:
+        fingerprint = base_fingerprint(model, AdapterConfig(modules_to_save=_modules_to_save(model, cfg)))
+        if metadata[FINGERPRINT_KEY] != fingerprint:
+            raise ValueError(f"the adapter in {path} was saved for another base model "
+                             f"(fingerprint {metadata[FINGERPRINT_KEY]}, this model has {fingerprint})")
     kind = cfg.get("peft_type")
     if kind == "LORA":
         config, ours = _lora_from_peft(model, cfg, state, path)
+    elif kind == "IA3":
+        config, ours = _ia3_from_peft(model, cfg, state, path)
     elif kind in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
         config, ours = _prompt_from_peft(model, cfg, state, path)
     else:
-        raise ValueError(f"{path} holds a {kind} adapter; load_peft_adapter reads LORA (and DoRA), PROMPT_TUNING, "
-                         "P_TUNING and PREFIX_TUNING")
+        raise ValueError(f"{path} holds a {kind} adapter; load_peft_adapter reads LORA (and DoRA), IA3, "
+                         "PROMPT_TUNING, P_TUNING and PREFIX_TUNING")
     add_adapter(model, config)
     unexpected = model.load_state_dict(ours, strict=False).unexpected_keys
     if unexpected:   # every key was checked above, so this is a bug here, not a bad file
@@ -269,10 +287,7 @@ def _lora_from_peft(model, cfg, state, path):
         raise NotImplementedError(f"the adapter in {path} uses LoraConfig options we do not implement: {unsupported}")
     r, dora = cfg["r"], bool(cfg.get("use_dora"))
     modules, params = dict(model.named_modules()), dict(model.named_parameters())
-    # peft matches modules_to_save by name suffix, as target_modules, and adds "classifier" and
-    # "score" to it for SEQ_CLS; we keep the modules of this model it names.
-    wanted = list(cfg.get("modules_to_save") or [])
-    to_save = sorted(n for n in modules if n and any(n == w or n.endswith("." + w) for w in wanted))
+    wanted, to_save = list(cfg.get("modules_to_save") or []), _modules_to_save(model, cfg)
     ours = {from_peft_key(k)[0]: t for k, t in state.items()}
     layers, problems = {}, []                     # layers: name -> the kinds of tensor it has
     for key, tensor in state.items():
@@ -312,6 +327,58 @@ def _lora_from_peft(model, cfg, state, path):
     config = (DoRAConfig if dora else LoRAConfig)(
         r=r, alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0), use_rslora=cfg.get("use_rslora", False),
         init="gaussian" if init == "gaussian" else "kaiming", target_modules=target_modules, modules_to_save=to_save)
+    return config, ours
+
+
+def _modules_to_save(model, cfg) -> list[str]:
+    """peft matches modules_to_save by name suffix, as target_modules, and adds "classifier" and
+    "score" to it for SEQ_CLS; the modules of this model it names."""
+    wanted = list(cfg.get("modules_to_save") or [])
+    return sorted(n for n, _ in model.named_modules() if n and any(n == w or n.endswith("." + w) for w in wanted))
+
+
+def _ia3_from_peft(model, cfg, state, path):
+    unsupported = {k: cfg[k] for k, off in {"fan_in_fan_out": False, "exclude_modules": None}.items()
+                   if cfg.get(k) not in (off, None)}
+    if unsupported or cfg.get("init_ia3_weights") is False:
+        raise NotImplementedError(f"the adapter in {path} uses IA3Config options we do not implement: "
+                                  f"{unsupported or {'init_ia3_weights': False}}")
+    targets, feedforward = cfg["target_modules"], cfg.get("feedforward_modules") or []
+    modules, params = dict(model.named_modules()), dict(model.named_parameters())
+    to_save = _modules_to_save(model, cfg)
+    selected = set(find_targets(model, targets, require_every_entry=False))
+    if not isinstance(targets, str) and len(selected) < len(targets):
+        targets = sorted(selected)                # our configs want every entry to match
+    config = IA3Config(target_modules=targets, feedforward_modules=feedforward, modules_to_save=to_save)
+    ours, layers, problems = {}, set(), []
+    for key, tensor in state.items():
+        if not key.startswith(PEFT_PREFIX):
+            problems.append(f"{key!r} is not a peft adapter key (they start with {PEFT_PREFIX!r})")
+            continue
+        name = key[len(PEFT_PREFIX):]
+        if not name.endswith(".ia3_l"):           # a modules_to_save tensor keeps its name
+            if name.rpartition(".")[0] not in to_save or name not in params or params[name].shape != tensor.shape:
+                problems.append(f"{key}: no parameter {name} of shape {tuple(tensor.shape)} in modules_to_save {to_save}")
+            ours[name] = tensor
+            continue
+        name = name[:-len(".ia3_l")]
+        layer = modules.get(name)
+        if not isinstance(layer, nn.Linear):
+            problems.append(f"{key}: this model has no Linear layer {name!r}")
+            continue
+        on_input = matches(name, feedforward)
+        expected = (1, layer.in_features) if on_input else (layer.out_features, 1)
+        if tuple(tensor.shape) != expected:
+            problems.append(f"{key}: shape {tuple(tensor.shape)}, but {name} "
+                            f"({'feedforward, input' if on_input else 'output'} scaling) needs {expected}")
+        layers.add(name)
+        ours[f"{name}.l"] = tensor.flatten()
+    if not problems:
+        problems += [f"target {n} has no tensors in the file" for n in sorted(selected - layers)]
+        problems += [f"tensors for {n}, which target_modules does not select" for n in sorted(layers - selected)]
+    if problems:
+        raise ValueError(f"the adapter in {path} does not fit this model ({len(problems)} problems): "
+                         + "; ".join(problems[:5]))
     return config, ours
 
 
