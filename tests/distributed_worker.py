@@ -44,7 +44,7 @@ def adapter_cases() -> list[tuple[str, str, int]]:
 # name -> (mode, what, optimizer): adapters by (method, example), peft's LoRA, full fine-tuning, QLoRA
 CASES = {f"{mode}-{name}-{i}": (mode, (name, i), "sgd") for mode, name, i in adapter_cases()}
 CASES.update({f"{mode}-{what}": (mode, what, "sgd") for mode in ("ddp", "fsdp") for what in ("full", "qlora")})
-CASES["ddp-peft_lora"] = ("ddp", "peft_lora", "sgd")
+CASES.update({f"{mode}-peft_lora": (mode, "peft_lora", "sgd") for mode in ("ddp", "fsdp")})
 CASES.update({f"{mode}-lora-0-adamw": (mode, ("lora", 0), "adamw") for mode in ("ddp", "fsdp")})
 PEFT_FORMAT = ("ddp-lora-0", "fsdp-lora-0")   # also saved in peft's format, through the interop module
 MASKED = {f"{mode}-{what}-masked" for mode in ("ddp", "fsdp") for what in ("lora-0", "full")}
