@@ -301,7 +301,9 @@ print("LoRA and QLoRA shard too: N × the largest rank's bytes within 5% of one 
 # %% [markdown]
 # **Peak RSS** is the whole process, and on CPU every rank first loads the full model and only then
 # shards it, so the peak counts the whole model on every rank; the RSS after training shows what
-# the shards free once the allocator returns the pages. A run of a model larger than one device
+# the shards free once the allocator returns the pages. The three methods train one after another
+# in the same processes, so a peak is the largest so far, and under FSDP rank 0's peak also holds
+# its `--check` runs of each method alone, whole. A run of a model larger than one device
 # never holds it whole: it builds the model on the meta device and loads each rank's shard
 # (accelerate's `cpu_ram_efficient_loading`), which is what the model-state counts above measure.
 #
