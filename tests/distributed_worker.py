@@ -47,7 +47,10 @@ CASES.update({f"{mode}-{what}": (mode, what, "sgd") for mode in ("ddp", "fsdp") 
 CASES.update({f"{mode}-peft_lora": (mode, "peft_lora", "sgd") for mode in ("ddp", "fsdp")})
 CASES.update({f"{mode}-lora-0-adamw": (mode, ("lora", 0), "adamw") for mode in ("ddp", "fsdp")})
 PEFT_FORMAT = ("ddp-lora-0", "fsdp-lora-0")   # also saved in peft's format, through the interop module
-MASKED = {f"{mode}-{what}-masked" for mode in ("ddp", "fsdp") for what in ("lora-0", "full")}
+# gradient accumulation over 2 masked micro-batches: each micro-batch's loss weighted by its rank's share
+ACCUMULATED = {f"{mode}-lora-0-accumulated" for mode in ("ddp", "fsdp")}
+CASES.update({name: (name.split("-")[0], ("lora", 0), "sgd") for name in sorted(ACCUMULATED)})
+MASKED = {f"{mode}-lora-0-accumulated" for mode in ("ddp", "fsdp")} | {f"{mode}-{what}-masked" for mode in ("ddp", "fsdp") for what in ("lora-0", "full")}
 CASES.update({f"{mode}-lora-0-masked": (mode, ("lora", 0), "sgd") for mode in ("ddp", "fsdp")})
 CASES.update({f"{mode}-full-masked": (mode, "full", "sgd") for mode in ("ddp", "fsdp")})
 
@@ -89,9 +92,9 @@ def batches(rows: int = ROWS, batch_size: int = BATCH, masked: bool = False, **l
                       **loader_args)
 
 
-def config(mode: str, optimizer: str = "sgd") -> TrainConfig:
+def config(mode: str, optimizer: str = "sgd", grad_accum: int = 1) -> TrainConfig:
     return TrainConfig(lr=OPTIMIZERS[optimizer][1], max_steps=STEPS, warmup_ratio=0.0, schedule="constant",
-                       parallel=mode)
+                       parallel=mode, grad_accum=grad_accum)
 
 
 def step(optimizer: str) -> BackpropStep:
@@ -109,7 +112,8 @@ def run_case(name: str, out: Path) -> None:
     mode, what, optimizer = CASES[name]
     model = build(what)
     data = batches(masked=name in MASKED)
-    history = train(model, data, config(mode, optimizer), step=step(optimizer), progress=False)
+    accum = 2 if name in ACCUMULATED else 1
+    history = train(model, data, config(mode, optimizer, accum), step=step(optimizer), progress=False)
     state = trained_state(model)
     if getattr(model, "adapter_config", None) is not None:
         core.save_adapter(model, out / name / "adapter")

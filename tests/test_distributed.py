@@ -23,7 +23,7 @@ import torch
 
 from peft_from_scratch import core, train
 from peft_from_scratch.training import distributed
-from tests.distributed_worker import CASES, MASKED, PEFT_FORMAT, batches, build, config, step, trained_state
+from tests.distributed_worker import ACCUMULATED, CASES, MASKED, PEFT_FORMAT, batches, build, config, step, trained_state
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-5, 1e-6
@@ -49,7 +49,8 @@ def test_parallel_run_equals_one_process(parallel_run, name):
     mode, what, optimizer = CASES[name]
     model = build(what)
     before = trained_state(model)
-    history = train(model, batches(masked=name in MASKED), config("none", optimizer), step=step(optimizer),
+    accum = 2 if name in ACCUMULATED else 1
+    history = train(model, batches(masked=name in MASKED), config("none", optimizer, accum), step=step(optimizer),
                     progress=False)
     alone = trained_state(model)
     parallel = torch.load(parallel_run / name / "trained.pt")
