@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader
 
 from peft_from_scratch import core, train
 from peft_from_scratch.core import registry
-from peft_from_scratch.core.checkpoint import adapter_state_dict
 from peft_from_scratch.models import tiny_llama
 from peft_from_scratch.training import BackpropStep, TrainConfig, distributed, make_adamw
+from scripts.train_distributed import trained_state   # the provided script's: adapter, or every trained weight
 
 STEPS, ROWS, BATCH = 3, 16, 4
 # SGD for the equivalence: a parallel run differs from one process by the rounding of the gradient
@@ -99,13 +99,6 @@ def config(mode: str, optimizer: str = "sgd", grad_accum: int = 1) -> TrainConfi
 
 def step(optimizer: str) -> BackpropStep:
     return BackpropStep(OPTIMIZERS[optimizer][0])
-
-
-def trained_state(model) -> dict[str, torch.Tensor]:
-    """The trained tensors, whole (gathering FSDP's shards: every rank calls this)."""
-    if getattr(model, "adapter_config", None) is not None:
-        return {k: v.clone() for k, v in adapter_state_dict(model).items()}
-    return {n: distributed.full_tensor(p).detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def run_case(name: str, out: Path) -> None:

@@ -6,18 +6,19 @@ import torch
 import torch.distributed as dist
 
 
-def _group_of_several() -> bool:
+def several() -> bool:
+    """Whether this process is one of several (an initialised process group of more than one rank)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def is_main() -> bool:
     """True on rank 0, and in a single process: where files are written and lines printed."""
-    return not _group_of_several() or dist.get_rank() == 0
+    return not several() or dist.get_rank() == 0
 
 
 def barrier() -> None:
     """Wait for every rank (a no-op in a single process)."""
-    if _group_of_several():
+    if several():
         dist.barrier()
 
 

@@ -28,7 +28,7 @@ After training, ``save_adapter`` writes once, from rank 0. Under FSDP the tensor
 with ``accelerate launch --use_fsdp``, else DDP; ``"none"`` trains this process alone).
 
 A 4-bit base (``quantized.Linear4bit``) under FSDP: FSDP shards parameters, never buffers, so
-``shard`` turns each packed uint8 weight into a frozen parameter; FSDP2 shards every parameter on
+``fully_shard_model`` turns each packed uint8 weight into a frozen parameter; FSDP2 shards every parameter on
 its own (the packed bytes' dim 0), whatever its dtype, and all-gathers it before the forward
 dequantizes it. The quantization state (absmax per 64-weight block, about 1/32 of the packed bytes
 with double quantization) stays a buffer, whole on every rank. FSDP1 flattens a layer's tensors
@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.processes import barrier, full_tensor, is_main
+from ..core.processes import barrier, full_tensor, is_main, several
 
 __all__ = ["Parallel", "setup", "active", "full_tensor", "is_main", "barrier", "local_nbytes", "model_state_bytes",
            "gather_object", "launch"]
@@ -161,8 +161,8 @@ def setup(mode: str, device: torch.device) -> Parallel:
 
 
 class activate:
-    """``with activate(parallel): ...``: make ``parallel`` the active run (what ``evaluate_loss`` and
-    ``save_adapter`` consult), restoring the previous one on exit."""
+    """``with activate(parallel): ...``: make ``parallel`` the active run (what ``evaluate_loss``
+    consults), restoring the previous one on exit."""
 
     def __init__(self, parallel: Parallel):
         self.parallel = parallel
@@ -211,7 +211,7 @@ def check_same_on_every_rank(model: nn.Module) -> None:
     """FSDP keeps each rank's own values for its shard (DDP copies rank 0's), so every rank must
     have built the same model: compare each tensor's sum across ranks (a collective)."""
     import torch.distributed as dist
-    tensors = [t for t in list(model.parameters()) + list(model.buffers())]
+    tensors = list(model.parameters()) + list(model.buffers())
     if not tensors:
         return
     sums = torch.stack([t.detach().to(torch.float64).sum().cpu() for t in tensors]).to(_comm_device())
@@ -265,7 +265,7 @@ def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None 
 def gather_object(obj) -> list:
     """``obj`` of every rank, in rank order, on every rank (a collective; ``[obj]`` in one process)."""
     import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not several():
         return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)

@@ -66,12 +66,12 @@ def choice_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, choice_mask: 
     of real tokens (T: the longest choice), from a causal LM's (B*C, L, V) logits."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     mask = choice_mask[:, 1:]                       # token t is predicted at position t - 1
-    T = int(mask.sum(-1).max())
-    out = logp.new_zeros(mask.shape[0], T)
-    real = torch.zeros(mask.shape[0], T, dtype=torch.bool, device=mask.device)
-    for r in range(mask.shape[0]):                  # each row's choice tokens, moved to the front
-        n = int(mask[r].sum())
-        out[r, :n], real[r, :n] = logp[r][mask[r]], True
+    lengths, start = mask.sum(-1), mask.int().argmax(-1)   # each row's choice: one run of positions
+    T = int(lengths.max())
+    offsets = torch.arange(T, device=mask.device)
+    real = offsets < lengths[:, None]
+    where = (start[:, None] + offsets).clamp(max=mask.shape[1] - 1)    # the choice tokens, moved to the front
+    out = logp.gather(1, where) * real
     return out.view(n_examples, -1, T), real.view(n_examples, -1, T)
 
 
