@@ -27,6 +27,7 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # the repository's d
 AGNEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]  # label ids 0..3, the standard order
 SST2_WORDS = ["negative", "positive"]                          # label 0 / 1 as an LM answers it
 AGNEWS_WORDS = ["World", "Sports", "Business", "Science"]       # AG News labels as one-token answers
+RTE_WORDS = ["yes", "no"]                                      # RTE label 0 (entailment) / 1 (not) as answers
 IGNORE_INDEX = -100                                            # labels the loss skips
 
 
@@ -165,6 +166,27 @@ def load_gsm8k(split: str = "train", n: int | None = None, seed: int = 0) -> Dat
     return _finish(columns, n, seed)
 
 
+def load_rte(split: str = "train", n: int | None = None, seed: int = 0) -> Dataset:
+    """RTE textual entailment (SuperGLUE's copy): ``premise``, ``hypothesis``, ``label`` (0 =
+    entailment, 1 = not entailment). validation = the 277 labelled SuperGLUE val pairs."""
+    path = _path("rte", split, {"train": "train.jsonl", "validation": "val.jsonl"})
+    names = ["entailment", "not_entailment"]
+    columns: dict[str, list] = {"premise": [], "hypothesis": [], "label": []}
+    for number, line in enumerate(_lines(path), start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(path, number, f"invalid JSON: {e.msg} (column {e.colno})") from None
+        if not (isinstance(row, dict) and all(isinstance(row.get(k), str) and row[k].strip() for k in ("premise", "hypothesis"))):
+            raise DataFormatError(path, number, "expected an object with non-empty string fields 'premise' and 'hypothesis'")
+        if row.get("label") not in names:
+            raise DataFormatError(path, number, f"label must be one of {names}, found {row.get('label')!r}")
+        columns["premise"].append(row["premise"].strip())
+        columns["hypothesis"].append(row["hypothesis"].strip())
+        columns["label"].append(names.index(row["label"]))
+    return _finish(columns, n, seed)
+
+
 def load_text(name: str = "tinyshakespeare") -> str:
     """A plain text for perplexity: "tinyshakespeare" (its first 200,000 characters)."""
     return _path(name, name, {"tinyshakespeare": "input.txt"}).read_text(encoding="utf-8")
@@ -234,6 +256,13 @@ def agnews_generation_example(row: dict) -> tuple[str, str]:
     """("Article: ...\nIs this news about World, Sports, Business or Science?", one of ``AGNEWS_WORDS``)."""
     return (f"Article: {row['text']}\nIs this news about World, Sports, Business or Science?",
             AGNEWS_WORDS[row["label"]])
+
+
+def rte_example(row: dict) -> tuple[str, str]:
+    """("{premise}\nQuestion: Does this mean that "{hypothesis}" is true? Yes or no?", "yes" or "no"),
+    a T0-style yes/no prompt, answered in lower case ("yes" and "no" are one SmolLM2 token each)."""
+    return (f"{row['premise']}\nQuestion: Does this mean that \"{row['hypothesis']}\" is true? Yes or no?",
+            RTE_WORDS[row["label"]])
 
 
 def tokenize_causal(dataset: Dataset, tokenizer, example_fn: Callable[[dict], tuple[str, str]],

@@ -287,33 +287,58 @@ def example_losses(model: nn.Module, loader) -> list[float]:
     return out
 
 
+def label_word_correct(model: nn.Module, tokenizer, rows, example_fn, words: list[str], batch_size: int = 16,
+                       demonstrations: str = "", cache_demonstrations: bool = True) -> list[int]:
+    """1/0 per row: is the largest of ``label_word_scores`` the row's label?"""
+    scores = label_word_scores(model, tokenizer, rows, example_fn, words, batch_size, demonstrations, cache_demonstrations)
+    return [int(p == label) for p, label in zip(scores.argmax(-1).tolist(), rows["label"])]
+
+
 @torch.no_grad()
-def label_word_correct(model: nn.Module, tokenizer, rows, example_fn, words: list[str], batch_size: int = 16) -> list[int]:
-    """1/0 per row: rank classification among the label ``words`` at the answer position, the rule of
+def label_word_scores(model: nn.Module, tokenizer, rows, example_fn, words: list[str], batch_size: int = 16,
+                      demonstrations: str = "", cache_demonstrations: bool = True) -> torch.Tensor:
+    """(rows, words) logits of the label ``words`` at the answer position: rank classification, the rule of
     ``evaluate.label_word_accuracy``, kept per sentence (for paired intervals) and cheaper: rows go
     in order of length (little padding) and only the label words' logits are computed, from the
-    last hidden state (the output head runs on one position per batch, ``logits_to_keep=1``)."""
+    last hidden state (the output head runs on one position per batch, ``logits_to_keep=1``).
+
+    ``demonstrations``: text put in front of every question, inside the same user turn (in-context
+    learning). Its tokens are the same for every row, so by default they run through the model once
+    and every batch reads their keys and values from that cache; ``cache_demonstrations=False`` runs
+    them again for every row (the same ids, the same answer up to float rounding; the tests compare).
+    The templated prompt is tokenized in two pieces, up to the end of the demonstrations and the rest."""
     label_ids = evaluate.label_token_ids(tokenizer, words)
     head = model.get_output_embeddings().weight[label_ids]                     # (classes, d)
-    ids = [tokenizer(data.chat_prompt(tokenizer, example_fn(r)[0]), add_special_tokens=False)["input_ids"]
-           for r in rows]
-    labels = list(rows["label"])
+    mark = "\x00"                                                              # where the question starts
+    opening = data.chat_prompt(tokenizer, demonstrations + mark).split(mark)[0] if demonstrations else ""
+    prefix = tokenizer(opening, add_special_tokens=False)["input_ids"] if opening else []
+    ids = []
+    for r in rows:
+        text = data.chat_prompt(tokenizer, demonstrations + example_fn(r)[0])
+        ids.append(tokenizer(text[len(opening):], add_special_tokens=False)["input_ids"])
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     was, device = model.training, head.device
     model.eval()
-    correct = [0] * len(ids)
+    cache = None
+    if prefix and cache_demonstrations:
+        cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1).past_key_values
+    scores = torch.zeros(len(ids), len(words))
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        T = max(len(ids[i]) for i in chunk)
-        input_ids = torch.tensor([ids[i] + [tokenizer.pad_token_id] * (T - len(ids[i])) for i in chunk], device=device)
-        mask = torch.tensor([[1] * len(ids[i]) + [0] * (T - len(ids[i])) for i in chunk], device=device)
-        h = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-        last = mask.sum(1) - 1 + (h.shape[1] - T)             # right padding: virtual tokens in front shift by n
-        pred = (h[torch.arange(len(chunk)), last] @ head.T).argmax(-1).tolist()
-        for i, p in zip(chunk, pred):
-            correct[i] = int(p == labels[i])
+        rows_ids = [ids[i] if cache is not None else prefix + ids[i] for i in chunk]
+        T = max(map(len, rows_ids))
+        input_ids = torch.tensor([r + [tokenizer.pad_token_id] * (T - len(r)) for r in rows_ids], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows_ids], device=device)
+        kw = {}
+        if cache is not None:             # the demonstrations' keys and values, one copy per row of the batch
+            kw["past_key_values"] = copy.deepcopy(cache)
+            kw["past_key_values"].batch_repeat_interleave(len(chunk))
+            mask = torch.cat([torch.ones(len(chunk), len(prefix), dtype=mask.dtype, device=device), mask], 1)
+        h = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1, **kw).hidden_states[-1]
+        last = mask[:, -T:].sum(1) - 1 + (h.shape[1] - T)     # right padding: virtual tokens in front shift by n
+        scores[chunk] = (h[torch.arange(len(chunk)), last] @ head.T).float().cpu()
     model.train(was)
-    return correct
+    return scores
 
 
 @dataclass

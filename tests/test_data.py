@@ -40,6 +40,8 @@ def minilm():
     (data.load_e2e, "test", 630, {"mr": "string", "refs": None}),
     (data.load_gsm8k, "train", 2000, {"question": "string", "answer": "string", "final": "string"}),
     (data.load_gsm8k, "test", 1319, {"question": "string", "answer": "string", "final": "string"}),
+    (data.load_rte, "train", 600, {"premise": "string", "hypothesis": "string", "label": "int64"}),
+    (data.load_rte, "validation", 277, {"premise": "string", "hypothesis": "string", "label": "int64"}),
 ])
 def test_loaders_return_the_documented_columns_and_sizes(load, split, rows, columns):
     ds = load(split)
@@ -56,6 +58,8 @@ def test_label_values_and_balance():
         labels = data.load_agnews(split)["label"]
         assert [labels.count(i) for i in range(4)] == [per_class] * 4
     assert data.AGNEWS_LABELS == ["World", "Sports", "Business", "Sci/Tech"]
+    rte = data.load_rte("validation")["label"]
+    assert (rte.count(0), rte.count(1)) == (146, 131)            # SuperGLUE val: 146 entailment, 131 not
 
 
 def test_e2e_test_groups_every_reference_under_its_mr():
@@ -80,7 +84,7 @@ def test_text_is_the_documented_prefix():
 def test_files_match_the_sha256_in_the_readme():
     readme = (data.DATA_DIR / "README.md").read_text()
     sums = re.findall(r"\| `([\w/.]+)` \|[^|]+\|[^|]+\| `([0-9a-f]{64})` \|", readme)
-    assert len(sums) == 9
+    assert len(sums) == 11
     for rel, digest in sums:
         assert hashlib.sha256((data.DATA_DIR / rel).read_bytes()).hexdigest() == digest, rel
 
@@ -117,6 +121,10 @@ BAD_FILES = [  # (file, content, loader, split, bad line, message)
     ("e2e/devset.csv", 'mr,ref\r\n"name[A]",A is nice.\r\n"name[B]",B,is nice\r\n', data.load_e2e, "train", 3,
      "expected 2 comma-separated fields, found 3"),
     ("e2e/testset_w_refs.csv", '"mr","text"\n"name[A]","A."\n', data.load_e2e, "test", 1, "expected the header"),
+    ("rte/val.jsonl", '{"premise": "A.", "hypothesis": "B.", "label": "entailment"}\n{"premise": "C.", "hypothesis": "D.", '
+     '"label": "contradiction"}\n', data.load_rte, "validation", 2, "label must be one of ['entailment', 'not_entailment']"),
+    ("rte/train.jsonl", '{"premise": "", "hypothesis": "B.", "label": "entailment"}\n', data.load_rte, "train", 1,
+     "non-empty string fields 'premise' and 'hypothesis'"),
 ]
 
 
@@ -249,3 +257,11 @@ def test_lm_chunks_are_consecutive_blocks(smol):
     assert data.lm_chunks(text, smol, block_size=64, n_blocks=3).equal(blocks[:3])
     with pytest.raises(ValueError, match="whole blocks"):
         data.lm_chunks(text, smol, block_size=64, n_blocks=10_000)
+
+
+def test_rte_prompt_asks_yes_or_no_and_answers_with_one_token(smol):
+    row = data.load_rte("validation")[0]
+    prompt, answer = data.rte_example(row)
+    assert prompt.startswith(row["premise"]) and row["hypothesis"] in prompt and prompt.endswith("Yes or no?")
+    assert answer == data.RTE_WORDS[row["label"]]
+    assert all(len(smol(w, add_special_tokens=False)["input_ids"]) == 1 for w in data.RTE_WORDS)

@@ -79,3 +79,26 @@ def test_label_word_logits_of_a_padded_batch_equal_scoring_one_row_at_a_time(smo
 def test_multi_token_label_words_are_refused(smol):  # noqa: F811
     with pytest.raises(ValueError, match="single tokens.*'politics'"):
         evaluate.label_token_ids(smol, ["World", "politics"])
+
+
+def test_label_word_scores_with_cached_demonstrations_equal_running_them_every_time(smol):  # noqa: F811
+    from peft_from_scratch import tasks
+    model = tiny_llama(vocab_size=len(smol))           # 256 positions: enough for two demonstrations
+    demos = "Review: great\nIs this review positive or negative?\npositive\n\nReview: dull\nIs this review positive or negative?\nnegative\n\n"
+    cached = tasks.label_word_scores(model, smol, ROWS, data.sst2_generation_example, data.SST2_WORDS, batch_size=2,
+                                     demonstrations=demos)
+    again = tasks.label_word_scores(model, smol, ROWS, data.sst2_generation_example, data.SST2_WORDS, batch_size=2,
+                                    demonstrations=demos, cache_demonstrations=False)
+    torch.testing.assert_close(cached, again, rtol=1e-4, atol=1e-5)
+    # the uncached path scores the templated prompt (tokenized in two pieces) one row at a time, unpadded
+    opening = data.chat_prompt(smol, demos + "\x00").split("\x00")[0]
+    for i in range(len(ROWS)):
+        text = data.chat_prompt(smol, demos + data.sst2_generation_example(ROWS[i])[0])
+        ids = smol(opening, add_special_tokens=False)["input_ids"] + smol(text[len(opening):], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1, evaluate.label_token_ids(smol, data.SST2_WORDS)]
+        torch.testing.assert_close(again[i], logits, rtol=1e-4, atol=1e-5)
+    without = tasks.label_word_scores(model, smol, ROWS, data.sst2_generation_example, data.SST2_WORDS)
+    assert (without - cached).abs().max() > 1e-3                  # the demonstrations change the scores
+    assert tasks.label_word_correct(model, smol, ROWS, data.sst2_generation_example, data.SST2_WORDS, demonstrations=demos) == \
+        [int(p == y) for p, y in zip(cached.argmax(-1).tolist(), ROWS["label"])]

@@ -86,3 +86,31 @@ def test_bad_multiple_choice_input_names_the_problem():
         multiple_choice_batch(PROMPTS, [CHOICES[0], [[21], [], [24]]], LABELS, pad_token_id=0)
     with pytest.raises(ValueError, match="as many prompts"):
         multiple_choice_batch(PROMPTS, CHOICES, [0], pad_token_id=0)
+
+
+ONE_TOKEN_PROMPTS = [[5, 9, 17, 3, 8, 2], [44, 2, 8], [7, 7, 1, 30]]
+ONE_TOKEN_CHOICES = [[[11], [13]], [[21], [22]], [[13], [11]]]
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_one_token_choices_take_one_row_per_example_and_equal_the_general_path(official):
+    from peft_from_scratch.training.multiple_choice import choice_logprobs, one_token_choices, tfew_losses
+    torch.manual_seed(0)
+    model = core.add_adapter(tiny_llama(), IA3Config())
+    for layer in core.adapter_layers(model).values():     # vectors away from 1, so the adapter matters
+        layer.l.data.uniform_(0.5, 1.5)
+    batch = multiple_choice_batch(ONE_TOKEN_PROMPTS, ONE_TOKEN_CHOICES, [0, 1, 1], pad_token_id=0)
+    assert one_token_choices(batch["choice_mask"]) and not one_token_choices(
+        multiple_choice_batch(PROMPTS, CHOICES, LABELS, pad_token_id=0)["choice_mask"])
+    fast = TFewObjective(model, official=official)(**batch)                       # the one-token path
+    fast["loss"].backward()
+    fast_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    general = tfew_losses(*choice_logprobs(logits, batch["input_ids"], batch["choice_mask"], 3), batch["labels"], official)
+    general["loss"].backward()
+    for k in ("lm", "ul", "ln", "loss"):
+        torch.testing.assert_close(fast[k], general[k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast["beta"], general["beta"], rtol=1e-5, atol=1e-6)
+    for g, p in zip(fast_grads, [p for p in model.parameters() if p.requires_grad]):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)

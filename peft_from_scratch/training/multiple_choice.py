@@ -21,6 +21,11 @@ count holds only the wrong choices' tokens. ``official=True`` computes that; the
 Batches: ``multiple_choice_batch`` lays out each example's C sequences x + y^(c) as rows (B x C rows,
 right-padded) with ``choice_mask`` marking the choice tokens; ``TFewObjective(model)`` wraps a causal
 LM so that ``training.train`` trains it with L (its forward returns ``{"loss": L, ...}``).
+
+One-token choices (a label word: "yes" / "no") need one forward pass per example, not C: the C rows
+differ only in their last token, and under causal attention no position before it sees it, so the
+distribution at the prompt's last position scores every choice (``choice_logprobs_one_token``).
+T-Few's encoder-decoder gets the same saving by encoding x once and decoding each choice.
 """
 from __future__ import annotations
 
@@ -31,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["multiple_choice_batch", "choice_logprobs", "tfew_losses", "rank_classify", "TFewObjective"]
+__all__ = ["multiple_choice_batch", "choice_logprobs", "one_token_choices", "choice_logprobs_one_token", "tfew_losses",
+           "rank_classify", "TFewObjective"]
 
 
 def multiple_choice_batch(prompts: Sequence[Sequence[int]], choices: Sequence[Sequence[Sequence[int]]],
@@ -75,6 +81,28 @@ def choice_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, choice_mask: 
     return out.view(n_examples, -1, T), real.view(n_examples, -1, T)
 
 
+def one_token_choices(choice_mask: torch.Tensor) -> bool:
+    """Whether every choice of a ``multiple_choice_batch`` (its ``choice_mask``) is a single token."""
+    return bool((choice_mask.sum(-1) == 1).all())
+
+
+def choice_logprobs_one_token(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              choice_mask: torch.Tensor, n_examples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``choice_logprobs``' (B, C, 1) output for one-token choices, from one row per example (its first
+    choice's row, whose prompt all its rows share): the output head runs at one position per example."""
+    C = input_ids.shape[0] // n_examples
+    first = slice(0, None, C)                                  # each example's first row
+    position = choice_mask[first].int().argmax(-1) - 1         # the prompt's last token
+    out = model(input_ids=input_ids[first], attention_mask=attention_mask[first], output_hidden_states=True,
+                logits_to_keep=1)
+    h = out.hidden_states[-1]                                  # after the final norm (Llama, GPT-2 ...)
+    h = h[torch.arange(n_examples, device=h.device), position + (h.shape[1] - input_ids.shape[1])]  # virtual tokens in front
+    choice_ids = input_ids[choice_mask].view(n_examples, C)    # each row's one choice token
+    logp = torch.log_softmax((h @ model.get_output_embeddings().weight.T).float(), dim=-1)   # (B, V)
+    logp = logp.gather(-1, choice_ids)[:, :, None]
+    return logp, torch.ones_like(logp, dtype=torch.bool)
+
+
 def tfew_losses(logp: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, official: bool = False) -> dict:
     """L_LM, L_UL, L_LN and their sum L (module docstring) from ``choice_logprobs``' output."""
     B, C, _ = logp.shape
@@ -107,6 +135,9 @@ class TFewObjective(nn.Module):
         self.model, self.official = model, official
 
     def forward(self, input_ids, attention_mask, choice_mask, labels):
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        logp, mask = choice_logprobs(logits, input_ids, choice_mask, labels.shape[0])
+        if one_token_choices(choice_mask):                      # one forward per example (module docstring)
+            logp, mask = choice_logprobs_one_token(self.model, input_ids, attention_mask, choice_mask, labels.shape[0])
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            logp, mask = choice_logprobs(logits, input_ids, choice_mask, labels.shape[0])
         return tfew_losses(logp, mask, labels, self.official)
