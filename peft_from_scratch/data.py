@@ -89,6 +89,15 @@ def _finish(columns: dict[str, list], n: int | None, seed: int) -> Dataset:
     return dataset.shuffle(seed=seed).select(range(n))
 
 
+def _json_lines(path: Path):
+    """(1-based line number, parsed row) for each line of a JSON-lines file; bad JSON names the line."""
+    for number, line in enumerate(_lines(path), start=1):
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(path, number, f"invalid JSON: {e.msg} (column {e.colno})") from None
+
+
 def _labelled(path: Path, header: list[str], names: list[str]) -> dict[str, list]:
     """``text`` and ``label`` columns from a two-column TSV; label i is written ``names[i]`` in the file."""
     texts, labels = [], []
@@ -148,11 +157,7 @@ def load_gsm8k(split: str = "train", n: int | None = None, seed: int = 0) -> Dat
     commas removed ("2,125" -> "2125") so it compares with a number parsed from a model's answer."""
     path = _path("gsm8k", split, {"train": "train.jsonl", "test": "test.jsonl"})
     columns: dict[str, list] = {"question": [], "answer": [], "final": []}
-    for number, line in enumerate(_lines(path), start=1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(path, number, f"invalid JSON: {e.msg} (column {e.colno})") from None
+    for number, row in _json_lines(path):
         if not (isinstance(row, dict) and isinstance(row.get("question"), str) and isinstance(row.get("answer"), str)):
             raise DataFormatError(path, number, "expected an object with string fields 'question' and 'answer'")
         if "####" not in row["answer"]:
@@ -172,11 +177,7 @@ def load_rte(split: str = "train", n: int | None = None, seed: int = 0) -> Datas
     path = _path("rte", split, {"train": "train.jsonl", "validation": "val.jsonl"})
     names = ["entailment", "not_entailment"]
     columns: dict[str, list] = {"premise": [], "hypothesis": [], "label": []}
-    for number, line in enumerate(_lines(path), start=1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(path, number, f"invalid JSON: {e.msg} (column {e.colno})") from None
+    for number, row in _json_lines(path):
         if not (isinstance(row, dict) and all(isinstance(row.get(k), str) and row[k].strip() for k in ("premise", "hypothesis"))):
             raise DataFormatError(path, number, "expected an object with non-empty string fields 'premise' and 'hypothesis'")
         if row.get("label") not in names:
