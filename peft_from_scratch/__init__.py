@@ -32,16 +32,22 @@ Every method registers under the name a user types (``methods()`` lists them)::
     pfs.train(model, loader, pfs.TrainConfig(lr=2e-4))
     pfs.save_adapter(model, "my-adapter")          # adapter.json stores "lora"
 """
+import logging
 import warnings
 
 # In a Jupyter kernel without ipywidgets, tqdm.auto (imported by datasets, transformers and peft) warns
 # that it falls back to the text bar; the text bar is what the notebooks want. Import this package
 # before peft or datasets in a notebook, so the filter is in place when they import tqdm.auto.
 warnings.filterwarnings("ignore", message="IProgress not found")
+# peft imports bitsandbytes, whose CPU backend then tries to fetch an optional compiled 4-bit matmul
+# ("kernels-community" on the Hugging Face hub); offline that fails and it logs "Failed to load CPU
+# gemm_4bit_forward" before falling back to its own C++ path. Drop that one record, nothing else.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward"))
 
 from . import additive, optim, quantized, reparameterized, selective  # noqa: E402,F401 (each registers its methods)
 from . import data, equivalence, evaluate, models  # noqa: E402,F401
-from .additive import HoulsbyConfig, IA3Config, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, fold_prefix
+from .additive import HoulsbyConfig, IA3Config, LlamaAdapterConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, fold_prefix
 from .core import (add_adapter, adapter_layers, count_parameters, load_adapter, merge_adapter, methods,
                    print_trainable_parameters, remove_adapter, save_adapter, unmerge_adapter)
 from .optim import PagedAdamW
@@ -52,6 +58,6 @@ from .training import BackpropStep, TrainConfig, evaluate_loss, train
 
 __all__ = ["methods", "add_adapter", "remove_adapter", "save_adapter", "load_adapter", "merge_adapter",
            "unmerge_adapter", "adapter_layers", "count_parameters", "print_trainable_parameters",
-           "LoRAConfig", "DoRAConfig", "RoSAConfig", "HoulsbyConfig", "IA3Config", "PromptTuningConfig", "PTuningConfig",
+           "LoRAConfig", "DoRAConfig", "RoSAConfig", "HoulsbyConfig", "IA3Config", "LlamaAdapterConfig", "PromptTuningConfig", "PTuningConfig",
            "PrefixTuningConfig", "fold_prefix", "Linear4bit", "quantize_model", "prepare_qlora", "PagedAdamW",
            "train", "TrainConfig", "evaluate_loss", "BackpropStep", "MaskedGradientStep"]

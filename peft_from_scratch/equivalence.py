@@ -64,9 +64,11 @@ def compare(ours: nn.Module, theirs: nn.Module, pairs: dict[str, tuple[torch.Ten
     """Train both models side by side for ``steps`` AdamW steps and report how far apart they are.
 
     ``pairs`` maps a name to (our parameter, the reference's parameter); every pair must start equal.
+    The two may differ in shape but not in size ((IA)³: our flat vector, peft's (d, 1)): entries are
+    compared in order.
     """
     for name, (a, b) in pairs.items():
-        if a.shape != b.shape or not torch.equal(a.detach(), b.detach()):
+        if a.numel() != b.numel() or not torch.equal(a.detach().reshape(b.shape), b.detach()):
             raise ValueError(f"{name}: the two models do not start from equal values; copy them across first")
     report = Report(rtol, atol, steps)
     opt_ours = torch.optim.AdamW([a for a, _ in pairs.values()], lr=lr)
@@ -79,9 +81,9 @@ def compare(ours: nn.Module, theirs: nn.Module, pairs: dict[str, tuple[torch.Ten
         out_theirs.loss.backward()
         if step == 0:
             for a, b in pairs.values():
-                report.diffs["grads"].update(a.grad, b.grad, rtol, atol)
+                report.diffs["grads"].update(a.grad.reshape(b.shape), b.grad, rtol, atol)
         opt_ours.step(), opt_theirs.step()
         opt_ours.zero_grad(), opt_theirs.zero_grad()
     for a, b in pairs.values():
-        report.diffs["params"].update(a, b, rtol, atol)
+        report.diffs["params"].update(a.reshape(b.shape), b, rtol, atol)
     return report

@@ -5,6 +5,10 @@
 * ``E2E``: SmolLM2-135M-Instruct on E2E NLG (meaning representation -> restaurant description);
   multi-reference BLEU on the official test MRs, and held-out loss.
 
+Two more pose a classification task to SmolLM2 as one answer word: ``LabelWords`` (prompt tuning's
+setting, notebook 08) and ``FewShot`` (T-Few's protocol, notebook 15: k examples, fixed settings,
+no selection split, in-context learning as the baseline).
+
 A task fixes the data, the number of optimizer steps and the batch, so that every method a notebook
 compares (and the baseline) trains on the same examples for the same steps. The learning rate is
 picked for each method the same way: a small sweep, scored on a *selection* split that is disjoint
@@ -35,6 +39,7 @@ from torch import nn
 from . import data, evaluate, models
 from .core import count_parameters
 from .training import History, TrainConfig, evaluate_loss, train
+from .training.multiple_choice import TFewObjective, multiple_choice_batch
 from .training.memory import LiveTensors  # noqa: F401 (notebook 05 names it tasks.LiveTensors)
 from .verdicts import Interval, bootstrap
 
@@ -341,8 +346,26 @@ def label_word_scores(model: nn.Module, tokenizer, rows, example_fn, words: list
     return scores
 
 
+class _SmolLM2Answers:
+    """What ``LabelWords`` and ``FewShot`` share: built from a run's profile, SmolLM2 loaded once (cut
+    to its first ``layers`` in the smoke profile), and the majority class of the evaluation rows."""
+
+    @classmethod
+    def for_run(cls, run, **overrides):
+        return cls(**{**cls.PROFILES[run.profile], "seed": run.seed, "profile": run.profile, **overrides})
+
+    def _load_smollm2(self) -> None:
+        self.model, self.tokenizer = models.load_model(models.SMOLLM2)
+        if self.layers:
+            models.keep_layers(self.model, self.layers)
+
+    def majority(self) -> float:
+        labels = list(self.val_rows["label"])
+        return max(labels.count(c) for c in set(labels)) / len(labels)
+
+
 @dataclass
-class LabelWords:
+class LabelWords(_SmolLM2Answers):
     """SmolLM2 answering a classification task with one label word, the way prompt tuning poses it.
 
     ``dataset``: "sst2" (the review -> "negative" / "positive"; the 872 GLUE validation sentences)
@@ -366,10 +389,6 @@ class LabelWords:
     SOURCES = {"sst2": ("load_sst2", "validation", "sst2_generation_example", "SST2_WORDS", 128),
                "agnews": ("load_agnews", "test", "agnews_generation_example", "AGNEWS_WORDS", 384)}
 
-    @classmethod
-    def for_run(cls, run, **overrides) -> "LabelWords":
-        return cls(**{**cls.PROFILES[run.profile], "seed": run.seed, "profile": run.profile, **overrides})
-
     def __post_init__(self):
         if self.dataset not in self.SOURCES:
             raise ValueError(f"dataset must be one of {sorted(self.SOURCES)}, got {self.dataset!r}")
@@ -380,9 +399,7 @@ class LabelWords:
     def base(self) -> nn.Module:
         """A fresh copy of the frozen SmolLM2 (loaded once), with the task's data tokenized."""
         if self.model is None:
-            self.model, self.tokenizer = models.load_model(models.SMOLLM2)
-            if self.layers:
-                models.keep_layers(self.model, self.layers)
+            self._load_smollm2()
             rows = self._load("train", n=self.n_train + self.n_select, seed=self.seed)
             self.train_set = data.tokenize_causal(rows.select(range(self.n_train)), self.tokenizer, self.example_fn,
                                                   max_length=self.max_length)
@@ -402,9 +419,102 @@ class LabelWords:
         rows = self.val_rows if split == "val" else self.select_rows
         return label_word_correct(model, self.tokenizer, rows, self.example_fn, self.words)
 
-    def majority(self) -> float:
-        labels = list(self.val_rows["label"])
-        return max(labels.count(c) for c in set(labels)) / len(labels)
+
+def tfew_adafactor(params, config: TrainConfig) -> torch.optim.Optimizer:
+    """T-Few's optimizer (r-three/t-few ``src/utils/get_optimizer.py``): transformers' Adafactor with
+    ``scale_parameter`` (each step is relative to the tensor's RMS, so a vector of ones moves by lr),
+    no relative step and no momentum; the loop's schedule sets the lr."""
+    from transformers.optimization import Adafactor
+    return Adafactor(params, lr=config.lr, weight_decay=config.weight_decay, scale_parameter=True,
+                     relative_step=False, warmup_init=False)
+
+
+@dataclass
+class FewShot(_SmolLM2Answers):
+    """T-Few's few-shot protocol (Liu et al. 2022, Section 4) for SmolLM2 on a task with one-token answers.
+
+    ``k`` training examples drawn once (``seed``) and nothing else labelled: no validation split to
+    tune on, so every hyper-parameter is fixed beforehand (T-Few's own: its configs' learning rates,
+    batch 8, Adafactor, 6% warm-up then linear decay, clipping at 1). Training is a multiple-choice
+    batch (``training.multiple_choice``) with T-Few's loss, or a selection of its terms; scoring is
+    rank classification of the label words on the evaluation split (``label_word_correct``), which
+    for one-token choices is the argmax of beta. ``demonstrations()`` are the same k examples as an
+    in-context prompt, the baseline the paper compares against.
+
+    ``dataset``: "sst2" (a review -> "negative" / "positive"; GLUE's validation sentences) or "rte"
+    (premise and hypothesis -> "yes" / "no"; SuperGLUE's 277 validation pairs)."""
+    k: int
+    n_val: int | None
+    steps: int
+    batch: int = 8
+    dataset: str = "sst2"
+    seed: int = 0
+    profile: str = "cpu"
+    layers: int | None = None      # keep only the first layers of SmolLM2 (the smoke profile)
+
+    PROFILES = {"smoke": dict(k=4, n_val=8, steps=2, batch=2, layers=2),
+                "cpu": dict(k=32, n_val=128, steps=32),
+                "gpu": dict(k=32, n_val=None, steps=1000)}          # T-Few: 32 examples, 1000 steps of 8
+    SOURCES = {"sst2": ("load_sst2", "sst2_generation_example", "SST2_WORDS"),
+               "rte": ("load_rte", "rte_example", "RTE_WORDS")}
+
+    def __post_init__(self):
+        if self.dataset not in self.SOURCES:
+            raise ValueError(f"dataset must be one of {sorted(self.SOURCES)}, got {self.dataset!r}")
+        if not 2 <= self.batch <= self.k:
+            raise ValueError(f"need 2 <= batch <= k, got batch {self.batch} and k = {self.k} training examples")
+        load, example, words = self.SOURCES[self.dataset]
+        self._load, self.example_fn, self.words = getattr(data, load), getattr(data, example), getattr(data, words)
+        self.model, self.tokenizer = None, None
+
+    def base(self) -> nn.Module:
+        """A fresh copy of the frozen SmolLM2 (loaded once), with the task's examples drawn."""
+        if self.model is None:
+            self._load_smollm2()
+            self.train_rows = self._load("train", n=self.k, seed=self.seed)
+            self.val_rows = self._load("validation", n=self.n_val, seed=self.seed)
+            self.label_ids = evaluate.label_token_ids(self.tokenizer, self.words)
+        return copy.deepcopy(self.model)
+
+    def prompt_ids(self, row: dict) -> list[int]:
+        return self.tokenizer(data.chat_prompt(self.tokenizer, self.example_fn(row)[0]), add_special_tokens=False)["input_ids"]
+
+    def loader(self) -> torch.utils.data.DataLoader:
+        """Shuffled multiple-choice batches of the k examples: each prompt with every label word as a choice."""
+        self.base()
+        examples = [(self.prompt_ids(r), r["label"]) for r in self.train_rows]
+        choices = [[i] for i in self.label_ids]
+
+        def collate(items):
+            return multiple_choice_batch([p for p, _ in items], [choices] * len(items), [y for _, y in items],
+                                         self.tokenizer.pad_token_id)
+        return torch.utils.data.DataLoader(examples, batch_size=self.batch, shuffle=True, collate_fn=collate,
+                                           generator=torch.Generator().manual_seed(self.seed))
+
+    def fit(self, model: nn.Module, lr: float, losses=TFewObjective.TERMS, official: bool = False,
+            desc: str | None = None, make_optimizer=tfew_adafactor, **kw) -> History:
+        """Train ``model`` (its trainable parameters) for ``steps`` steps with T-Few's loss, or the
+        terms ``losses``; ``official``: the official code's unlikelihood term (``TFewObjective``)."""
+        config = TrainConfig(lr=lr, max_steps=self.steps, warmup_ratio=0.06, max_grad_norm=1.0, seed=self.seed)
+        return train(TFewObjective(model, official=official, losses=losses), self.loader(), config, desc=desc,
+                     make_optimizer=make_optimizer, **kw)
+
+    def demonstrations(self) -> str:
+        """The k training examples as in-context demonstrations: each question, then its answer word."""
+        self.base()
+        return "".join(f"{q}\n{a}\n\n" for q, a in map(self.example_fn, self.train_rows))
+
+    def correct(self, model: nn.Module, demonstrations: str = "") -> list[int]:
+        """1/0 per evaluation example (rank classification of the label words)."""
+        self.base()
+        return label_word_correct(model, self.tokenizer, self.val_rows, self.example_fn, self.words,
+                                  demonstrations=demonstrations)
+
+    def prompt_tokens(self, demonstrations: str = "") -> list[int]:
+        """The tokens the model reads to answer each evaluation example (demonstrations included)."""
+        self.base()
+        return [len(self.tokenizer(data.chat_prompt(self.tokenizer, demonstrations + self.example_fn(r)[0]),
+                                   add_special_tokens=False)["input_ids"]) for r in self.val_rows]
 
 
 def fit_with_checkpoints(task, model: nn.Module, lr: float, eval_fn: Callable[[nn.Module], dict], every: int,

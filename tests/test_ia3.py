@@ -211,3 +211,23 @@ def test_a_peft_file_that_does_not_fit_is_refused_and_the_model_untouched(tmp_pa
     with pytest.raises(ValueError, match=r"k_proj \(output scaling\) needs \(32, 1\)"):
         pio.load_peft_adapter(model, tmp_path)
     assert not core.adapter_layers(model) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_peft_twin_pairs_our_flat_vectors_with_peft_shaped_ones_and_compare_passes():
+    from peft_from_scratch import equivalence
+    from peft_from_scratch.interop import peft as peft_io
+
+    def perturb(model):
+        with torch.no_grad():
+            for layer in core.adapter_layers(model).values():
+                layer.l.mul_(1 + 0.1 * torch.randn(layer.l.shape, generator=torch.Generator().manual_seed(3)))
+    model = tiny_llama()
+    ours, theirs, pairs = peft_io.twin(model, IA3Config(), perturb=perturb)
+    assert {tuple(b.shape) for _, b in pairs.values()} != {tuple(a.shape) for a, _ in pairs.values()}
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    report = equivalence.compare(ours, theirs, pairs, [{"input_ids": ids, "labels": ids}], steps=3, lr=1e-2)
+    assert report.passed
+    with torch.no_grad():
+        next(iter(pairs.values()))[1].mul_(1.01)                      # the two no longer start equal
+    with pytest.raises(ValueError, match="do not start from equal values"):
+        equivalence.compare(ours, theirs, pairs, [{"input_ids": ids, "labels": ids}], steps=1)

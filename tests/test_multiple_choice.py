@@ -114,3 +114,17 @@ def test_one_token_choices_take_one_row_per_example_and_equal_the_general_path(o
     torch.testing.assert_close(fast["beta"], general["beta"], rtol=1e-5, atol=1e-6)
     for g, p in zip(fast_grads, [p for p in model.parameters() if p.requires_grad]):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_selection_of_terms_sums_only_those_and_bad_selections_are_refused():
+    model = tiny_llama()
+    batch = multiple_choice_batch(PROMPTS, CHOICES, LABELS, pad_token_id=0)
+    with torch.no_grad():
+        full = TFewObjective(model)(**batch)
+        lm_only = TFewObjective(model, losses=("lm",))(**batch)
+        no_ul = TFewObjective(model, losses=("lm", "ln"))(**batch)
+    assert torch.equal(full["loss"], full["lm"] + full["ul"] + full["ln"])     # the default is the paper's L
+    assert torch.equal(lm_only["loss"], full["lm"]) and torch.equal(no_ul["loss"], full["lm"] + full["ln"])
+    for bad in ((), ("lm", "kl")):
+        with pytest.raises(ValueError, match="non-empty selection"):
+            TFewObjective(model, losses=bad)

@@ -2,6 +2,8 @@
 
 * ``ia3``: learned vectors rescaling keys, values and the FFN's intermediate activation (Liu et al. 2022),
   ``IA3Config``.
+* ``llama_adapter``: prompts read by the top layers' attention through a zero-init gate (Zhang et al. 2023),
+  ``LlamaAdapterConfig``.
 * ``houlsby``: bottleneck adapters after (or beside) sub-layers (Houlsby et al. 2019), ``HoulsbyConfig``;
   built from ``bottleneck.Bottleneck``.
 * ``prompt_tuning``: a trained prompt before the input embeddings (Lester et al. 2021), ``PromptTuningConfig``.
@@ -11,8 +13,9 @@
 """
 from .houlsby import HoulsbyConfig
 from .ia3 import IA3Config
+from .llama_adapter import LlamaAdapterConfig
 from .p_tuning import PTuningConfig
 from .prefix_tuning import PrefixTuningConfig, fold_prefix
 from .prompt_tuning import PromptTuningConfig
 
-__all__ = ["HoulsbyConfig", "IA3Config", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "fold_prefix"]
+__all__ = ["HoulsbyConfig", "IA3Config", "LlamaAdapterConfig", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "fold_prefix"]

@@ -1,7 +1,8 @@
 """Everything peft-specific: its configs, its tensor names, its files, and the twin of any adapter.
 
-peft (huggingface/peft 0.21) has six of our methods: LoRA, DoRA (``LoraConfig(use_dora=True)``),
-(IA)³ (``IA3Config``), prompt tuning, P-tuning (``PromptEncoderConfig``) and prefix tuning, plus
+peft (huggingface/peft 0.21) has seven of our methods: LoRA, DoRA (``LoraConfig(use_dora=True)``),
+(IA)³ (``IA3Config``), prompt tuning, P-tuning (``PromptEncoderConfig``), prefix tuning and
+LLaMA-Adapter with its scalar gate (``AdaptionPromptConfig``), plus
 ShiRA, which equals RoSA with r = 0 on the same masks. This module is the only place that knows how they are spelled there:
 
 * ``peft_config(config, model)``: peft's config for one of ours (``LORA_FIELDS`` maps the names);
@@ -18,6 +19,8 @@ Tensor names. In memory peft inserts the adapter name ("default"); on disk it le
     ...q_proj.variant.m (DoRA)             base_model.model....q_proj.lora_magnitude_vector          lora_magnitude_vector.default.weight
     ...k_proj.l ((IA)³, flat)              base_model.model....k_proj.ia3_l (d_out x 1; 1 x d_in for  ia3_l.default
                                            the feedforward_modules, which scale their input)
+    ...self_attn.prompt (LLaMA-Adapter,    base_model.model....self_attn.adaption_prompt (1 x K x d)  the same names
+      K x d) and ...self_attn.gate       and ...self_attn.adaption_gate (1,)
     classifier.weight (modules_to_save)    base_model.model.classifier.weight                        classifier.modules_to_save.default.weight
     prompt_encoder.embedding.weight        prompt_embeddings (what the encoder computes, n x d)      prompt_encoder.default.embedding.weight
 
@@ -39,6 +42,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..additive.ia3 import IA3Config
+from ..additive.llama_adapter import LlamaAdapterConfig
 from ..additive.p_tuning import PTuningConfig
 from ..additive.prefix_tuning import PrefixTuningConfig
 from ..additive.prompt_tuning import PromptTuningConfig
@@ -94,6 +98,14 @@ def peft_config(config: AdapterConfig, model: nn.Module, task: str | None = None
         return peft.IA3Config(target_modules=config.target_modules, feedforward_modules=config.feedforward_modules,
                               task_type=task, modules_to_save=list(config.modules_to_save) or None,
                               inference_mode=inference_mode)
+    if isinstance(config, LlamaAdapterConfig):
+        if config.gate != "scalar":
+            raise NotImplementedError("peft's AdaptionPromptConfig has one gate per layer, a scalar without tanh: "
+                                      "LlamaAdapterConfig(gate='scalar') is that variant; the paper's per-head tanh "
+                                      "gate has no peft counterpart")
+        return peft.AdaptionPromptConfig(adapter_len=config.adapter_len, adapter_layers=config.adapter_layers,
+                                         target_modules=config.target_modules[0], task_type=task,
+                                         inference_mode=inference_mode)
     common = dict(task_type=task, num_virtual_tokens=config.num_virtual_tokens, inference_mode=inference_mode)
     if isinstance(config, PromptTuningConfig):
         if config.init not in PROMPT_INITS:
@@ -136,10 +148,35 @@ def from_peft_key(key: str) -> tuple[str, str]:
     return key, "saved"
 
 
+def peft_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A LoRA, DoRA or (IA)³ model's adapter tensors under peft's on-disk names and shapes ((IA)³'s
+    flat vectors become peft's (d_out, 1) or (1, d_in))."""
+    state = adapter_state_dict(model)
+    if isinstance(model.adapter_config, LlamaAdapterConfig):    # prompt (K, d) -> (1, K, d); gate (1,)
+        return {_adaption_key(k): v[None] if k.endswith(".prompt") else v for k, v in state.items()}
+    if not isinstance(model.adapter_config, IA3Config):
+        return {to_peft_key(k): v for k, v in state.items()}
+    layers = {f"{n}.l": m for n, m in adapter_layers(model).items()}
+    return {(PEFT_PREFIX + k[:-len(".l")] + ".ia3_l" if k in layers else to_peft_key(k)):
+            (v.view(1, -1) if layers[k].on_input else v.view(-1, 1)).contiguous() if k in layers else v
+            for k, v in state.items()}
+
+
+def _adaption_key(key: str) -> str:
+    """LLaMA-Adapter's ``...self_attn.prompt`` / ``.gate`` -> peft's ``adaption_prompt`` / ``adaption_gate``
+    (the same name on disk and in memory: peft's adaption prompt has no adapter-name level)."""
+    module, _, param = key.rpartition(".")
+    return f"{PEFT_PREFIX}{module}.adaption_{param}"
+
+
 def peft_param_name(key: str, config: AdapterConfig) -> str:
     """Our adapter key -> the name of the same tensor in a peft model in memory (adapter "default")."""
     if isinstance(config, PROMPT_METHODS):
         return key.replace("prompt_encoder.", "prompt_encoder.default.", 1)
+    if isinstance(config, LlamaAdapterConfig):
+        return _adaption_key(key)
+    if isinstance(config, IA3Config) and key.endswith(".l"):
+        return f"{PEFT_PREFIX}{key[:-len('.l')]}.ia3_l.default"
     disk = to_peft_key(key)
     for theirs in LORA_KEYS.values():
         if disk.endswith("." + theirs):
@@ -182,7 +219,7 @@ def twin(base: nn.Module | Callable[[], nn.Module], config: AdapterConfig, task:
     if isinstance(config, PROMPT_METHODS):
         loaded = theirs.load_state_dict({peft_param_name(k, config): v for k, v in state.items()}, strict=False)
     else:
-        loaded = set_peft_model_state_dict(theirs, {to_peft_key(k): v for k, v in state.items()})
+        loaded = set_peft_model_state_dict(theirs, peft_tensors(ours))
     if loaded.unexpected_keys:
         raise RuntimeError(f"peft did not take these tensors: {loaded.unexpected_keys[:5]}")
     named = dict(theirs.named_parameters())
@@ -217,15 +254,10 @@ def save_peft_adapter(model: nn.Module, path: str | Path) -> Path:
             encoder = model.prompt_encoder
             prompt = encoder.prefix() if isinstance(config, PrefixTuningConfig) else encoder.prompts()
         tensors = {"prompt_embeddings": prompt.detach().cpu().contiguous()}
-    elif isinstance(config, IA3Config):
-        layers = {f"{n}.l": m for n, m in adapter_layers(model).items()}
-        tensors = {(PEFT_PREFIX + k[:-len(".l")] + ".ia3_l" if k in layers else to_peft_key(k)):
-                   (v.view(1, -1) if layers[k].on_input else v.view(-1, 1)).contiguous() if k in layers else v
-                   for k, v in adapter_state_dict(model).items()}
     else:
         if config.target_modules == "all-linear":     # peft, too, writes the names "all-linear" selected
             cfg.target_modules = sorted(adapter_layers(model))
-        tensors = {to_peft_key(k): v for k, v in adapter_state_dict(model).items()}
+        tensors = peft_tensors(model)
     path = Path(path)
     cfg.base_model_name_or_path = getattr(model, "name_or_path", None) or None
     config_dict = cfg.to_dict()
@@ -271,9 +303,11 @@ def load_peft_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         config, ours = _ia3_from_peft(model, cfg, state, path)
     elif kind in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
         config, ours = _prompt_from_peft(model, cfg, state, path)
+    elif kind == "ADAPTION_PROMPT":
+        config, ours = _adaption_prompt_from_peft(model, cfg, state, path)
     else:
         raise ValueError(f"{path} holds a {kind} adapter; load_peft_adapter reads LORA (and DoRA), IA3, "
-                         "PROMPT_TUNING, P_TUNING and PREFIX_TUNING")
+                         "PROMPT_TUNING, P_TUNING, PREFIX_TUNING and ADAPTION_PROMPT")
     add_adapter(model, config)
     unexpected = model.load_state_dict(ours, strict=False).unexpected_keys
     if unexpected:   # every key was checked above, so this is a bug here, not a bad file
@@ -379,6 +413,31 @@ def _ia3_from_peft(model, cfg, state, path):
     if problems:
         raise ValueError(f"the adapter in {path} does not fit this model ({len(problems)} problems): "
                          + "; ".join(problems[:5]))
+    return config, ours
+
+
+def _adaption_prompt_from_peft(model, cfg, state, path):
+    """peft's AdaptionPrompt -> LLaMA-Adapter with its scalar gate; the tensors must be exactly those
+    of the top ``adapter_layers`` attention modules, each prompt (1, adapter_len, d), each gate (1,)."""
+    config = LlamaAdapterConfig(adapter_len=cfg["adapter_len"], adapter_layers=cfg["adapter_layers"], gate="scalar",
+                                target_modules=[cfg.get("target_modules") or "self_attn"])
+    names = find_targets(model, config.target_modules)
+    if config.adapter_layers > len(names):
+        raise ValueError(f"the adapter in {path} adapts {config.adapter_layers} layers; this model has {len(names)}")
+    d = model.config.hidden_size
+    expected = {f"{_adaption_key(f'{n}.prompt')}": (1, config.adapter_len, d) for n in names[-config.adapter_layers:]}
+    expected.update({_adaption_key(f"{n}.gate"): (1,) for n in names[-config.adapter_layers:]})
+    problems = [f"{k}: missing" for k in sorted(set(expected) - set(state))]
+    problems += [f"{k}: not a tensor of the top {config.adapter_layers} attention layers" for k in sorted(set(state) - set(expected))]
+    problems += [f"{k}: shape {tuple(t.shape)}, expected {expected[k]}" for k, t in state.items()
+                 if k in expected and tuple(t.shape) != expected[k]]
+    if problems:
+        raise ValueError(f"the adapter in {path} does not fit this model ({len(problems)} problems): "
+                         + "; ".join(problems[:5]))
+    ours = {}
+    for key, tensor in state.items():
+        module, _, param = key[len(PEFT_PREFIX):].rpartition(".")
+        ours[f"{module}.{param[len('adaption_'):]}"] = tensor[0] if param == "adaption_prompt" else tensor
     return config, ours
 
 

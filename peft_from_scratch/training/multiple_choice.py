@@ -128,11 +128,16 @@ def rank_classify(beta: torch.Tensor) -> torch.Tensor:
 class TFewObjective(nn.Module):
     """A causal LM trained with T-Few's loss: ``forward(**multiple_choice_batch(...))`` returns
     ``{"loss": L, "lm", "ul", "ln", "beta"}``, so ``training.train(TFewObjective(model), loader)`` works;
-    the adapter stays on ``self.model`` (save it from there)."""
+    the adapter stays on ``self.model`` (save it from there). ``losses`` picks the terms summed into
+    "loss" (``("lm",)`` is plain fine-tuning on the correct choice: the ablation of the paper's Section 3.2)."""
 
-    def __init__(self, model: nn.Module, official: bool = False):
+    TERMS = ("lm", "ul", "ln")
+
+    def __init__(self, model: nn.Module, official: bool = False, losses: Sequence[str] = TERMS):
         super().__init__()
-        self.model, self.official = model, official
+        if not losses or any(t not in self.TERMS for t in losses):
+            raise ValueError(f"losses must be a non-empty selection of {self.TERMS}, got {tuple(losses)}")
+        self.model, self.official, self.losses = model, official, tuple(losses)
 
     def forward(self, input_ids, attention_mask, choice_mask, labels):
         if one_token_choices(choice_mask):                      # one forward per example (module docstring)
@@ -140,4 +145,6 @@ class TFewObjective(nn.Module):
         else:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
             logp, mask = choice_logprobs(logits, input_ids, choice_mask, labels.shape[0])
-        return tfew_losses(logp, mask, labels, self.official)
+        out = tfew_losses(logp, mask, labels, self.official)
+        out["loss"] = sum(out[t] for t in self.losses)
+        return out
