@@ -382,6 +382,8 @@ _ = run.verdict("ia3_beats_layernorm_few_shot", vs["layer norms"], at_least=0.0,
 print("training moved no frozen weight, in any run:", run.check("frozen_weights_untouched", all(r["untouched"] for r in runs.values())))
 print("(IA)³ trains 0.01-0.1% of SmolLM2, LoRA r=4 + norms more than 10x as much:",
       run.check("trainable_fractions", 1e-4 < ia3["trainable"] / total < 1e-3 and runs["LoRA r=4 + norms"]["trainable"] > 10 * ia3["trainable"]))
+
+# %%
 beats_zero = ia3_vs_zero.estimate > 0
 print("(IA)³ with T-Few's loss is above zero-shot:", run.check("ia3_learns_sst2", beats_zero) if run.profile != "smoke" else
       f"{beats_zero} (not a check in the smoke profile: {few.steps} steps on a 2-layer model)")

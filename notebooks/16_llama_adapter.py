@@ -288,6 +288,8 @@ _ = run.verdict("llama_adapter_on_par_with_full_ft", bleu_gap, at_least=-1.0,
 # NBVAL_CHECK_OUTPUT
 print("zero-init gates start at the frozen model's selection loss:",
       run.check("zero_init_starts_at_base", abs(runs["zero-init gates"]["start"] - base_select) < 1e-6))
+
+# %%
 learned = mean(runs["zero-init gates"]["losses"]) < mean(zero_shot)
 print("LLaMA-Adapter's test loss is below the frozen model's:", run.check("llama_adapter_learns_e2e", learned)
       if run.profile != "smoke" else f"{learned} (not a check in the smoke profile)")
