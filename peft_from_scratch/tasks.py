@@ -476,8 +476,10 @@ class FewShot(_SmolLM2Answers):
             self.label_ids = evaluate.label_token_ids(self.tokenizer, self.words)
         return copy.deepcopy(self.model)
 
-    def prompt_ids(self, row: dict) -> list[int]:
-        return self.tokenizer(data.chat_prompt(self.tokenizer, self.example_fn(row)[0]), add_special_tokens=False)["input_ids"]
+    def prompt_ids(self, row: dict, demonstrations: str = "") -> list[int]:
+        """The templated question (after ``demonstrations``, if any), as the model reads it."""
+        text = data.chat_prompt(self.tokenizer, demonstrations + self.example_fn(row)[0])
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def loader(self) -> torch.utils.data.DataLoader:
         """Shuffled multiple-choice batches of the k examples: each prompt with every label word as a choice."""
@@ -513,8 +515,7 @@ class FewShot(_SmolLM2Answers):
     def prompt_tokens(self, demonstrations: str = "") -> list[int]:
         """The tokens the model reads to answer each evaluation example (demonstrations included)."""
         self.base()
-        return [len(self.tokenizer(data.chat_prompt(self.tokenizer, demonstrations + self.example_fn(r)[0]),
-                                   add_special_tokens=False)["input_ids"]) for r in self.val_rows]
+        return [len(self.prompt_ids(r, demonstrations)) for r in self.val_rows]
 
 
 def fit_with_checkpoints(task, model: nn.Module, lr: float, eval_fn: Callable[[nn.Module], dict], every: int,

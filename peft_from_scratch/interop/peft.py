@@ -149,17 +149,22 @@ def from_peft_key(key: str) -> tuple[str, str]:
 
 
 def peft_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A LoRA, DoRA or (IA)³ model's adapter tensors under peft's on-disk names and shapes ((IA)³'s
-    flat vectors become peft's (d_out, 1) or (1, d_in))."""
+    """A LoRA, DoRA, (IA)³ or LLaMA-Adapter model's adapter tensors under peft's on-disk names and
+    shapes ((IA)³'s flat vectors become peft's (d_out, 1) or (1, d_in); a prompt (K, d) becomes (1, K, d))."""
     state = adapter_state_dict(model)
-    if isinstance(model.adapter_config, LlamaAdapterConfig):    # prompt (K, d) -> (1, K, d); gate (1,)
+    if isinstance(model.adapter_config, LlamaAdapterConfig):
         return {_adaption_key(k): v[None] if k.endswith(".prompt") else v for k, v in state.items()}
     if not isinstance(model.adapter_config, IA3Config):
         return {to_peft_key(k): v for k, v in state.items()}
     layers = {f"{n}.l": m for n, m in adapter_layers(model).items()}
-    return {(PEFT_PREFIX + k[:-len(".l")] + ".ia3_l" if k in layers else to_peft_key(k)):
+    return {(_ia3_key(k) if k in layers else to_peft_key(k)):
             (v.view(1, -1) if layers[k].on_input else v.view(-1, 1)).contiguous() if k in layers else v
             for k, v in state.items()}
+
+
+def _ia3_key(key: str) -> str:
+    """(IA)³'s ``...k_proj.l`` -> peft's on-disk ``base_model.model....k_proj.ia3_l``."""
+    return f"{PEFT_PREFIX}{key[:-len('.l')]}.ia3_l"
 
 
 def _adaption_key(key: str) -> str:
@@ -176,7 +181,7 @@ def peft_param_name(key: str, config: AdapterConfig) -> str:
     if isinstance(config, LlamaAdapterConfig):
         return _adaption_key(key)
     if isinstance(config, IA3Config) and key.endswith(".l"):
-        return f"{PEFT_PREFIX}{key[:-len('.l')]}.ia3_l.default"
+        return f"{_ia3_key(key)}.default"
     disk = to_peft_key(key)
     for theirs in LORA_KEYS.values():
         if disk.endswith("." + theirs):
@@ -424,9 +429,8 @@ def _adaption_prompt_from_peft(model, cfg, state, path):
     names = find_targets(model, config.target_modules)
     if config.adapter_layers > len(names):
         raise ValueError(f"the adapter in {path} adapts {config.adapter_layers} layers; this model has {len(names)}")
-    d = model.config.hidden_size
-    expected = {f"{_adaption_key(f'{n}.prompt')}": (1, config.adapter_len, d) for n in names[-config.adapter_layers:]}
-    expected.update({_adaption_key(f"{n}.gate"): (1,) for n in names[-config.adapter_layers:]})
+    shapes = {"prompt": (1, config.adapter_len, model.config.hidden_size), "gate": (1,)}
+    expected = {_adaption_key(f"{n}.{p}"): shape for n in names[-config.adapter_layers:] for p, shape in shapes.items()}
     problems = [f"{k}: missing" for k in sorted(set(expected) - set(state))]
     problems += [f"{k}: not a tensor of the top {config.adapter_layers} attention layers" for k in sorted(set(state) - set(expected))]
     problems += [f"{k}: shape {tuple(t.shape)}, expected {expected[k]}" for k, t in state.items()
