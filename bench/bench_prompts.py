@@ -1,13 +1,17 @@
-"""Training-step time and memory of our prompt tuning, P-tuning and prefix tuning against peft's, on SmolLM2-135M.
+"""Training-step time and memory of our prompt tuning, P-tuning, prefix tuning and LLaMA-Adapter against peft's, on SmolLM2-135M.
 
 Setting: SmolLM2-135M-Instruct in float32, 20 virtual tokens, batch 4 x 128 random tokens with
-labels = inputs, AdamW (lr 1e-3). The three methods in the configuration each paper trains with:
+labels = inputs, AdamW (lr 1e-3). The methods in the configuration each paper trains with:
 
 * prompt tuning: a 20 x 576 prompt, random init (peft's ``PromptTuningConfig``);
 * P-tuning: the paper's encoder, BiLSTM + MLP (peft's ``PromptEncoderConfig(encoder_reparameterization_type="LSTM")``,
   hidden size 576, so both build the same modules);
 * prefix tuning with the paper's reparameterisation MLP (peft's ``PrefixTuningConfig(prefix_projection=True)``,
-  hidden 512, peft's default).
+  hidden 512, peft's default);
+* LLaMA-Adapter: 10 adaption-prompt tokens in the top 8 layers (peft's ``AdaptionPromptConfig(adapter_len=10,
+  adapter_layers=8)``), ours in peft's variant (one scalar gate per layer, ``gate="scalar"``) and in the
+  paper's (a tanh gate per head, ``gate="tanh_per_head"``); both are timed against peft's, which has
+  only the scalar gate, so the second ratio is what the paper's gate costs over peft.
 
 The measurement is bench_lora_dora.py's (its docstring says what each number means): every model
 lives in one process and is stepped round-robin, the order rotating each round; the median of
@@ -31,12 +35,16 @@ import torch
 
 from bench.common import BATCH, SEQ, load_average, machine, measure_memory, memory_all, time_all, write_results
 from peft_from_scratch import PrefixTuningConfig, PromptTuningConfig, PTuningConfig, core
+from peft_from_scratch.additive.llama_adapter import LlamaAdapterConfig
 from peft_from_scratch.models import SMOLLM2, load_model
 
-METHODS = {"prompt": "prompt tuning", "ptuning": "P-tuning (LSTM)", "prefix": "prefix tuning (MLP)"}
-CONFIGS = [f"{owner}-{m}" for m in METHODS for owner in ("peft", "ours")]
+METHODS = {"prompt": "prompt tuning", "ptuning": "P-tuning (LSTM)", "prefix": "prefix tuning (MLP)",
+           "adaption": "LLaMA-Adapter (peft's scalar gate)", "adaption_paper": "LLaMA-Adapter (the paper's tanh gate per head)"}
+REFERENCE = {**{m: f"peft-{m}" for m in METHODS}, "adaption_paper": "peft-adaption"}   # peft has no per-head gate
+CONFIGS = list(dict.fromkeys(name for m in METHODS for name in (REFERENCE[m], f"ours-{m}")))   # peft-adaption once
 N, LR = 20, 1e-3
 PREFIX_HIDDEN = 512
+ADAPTER_LEN, ADAPTER_LAYERS = 10, 8
 
 
 def build(name: str, base, device: str):
@@ -48,15 +56,21 @@ def build(name: str, base, device: str):
         config = {"prompt": PromptTuningConfig(num_virtual_tokens=N),
                   "ptuning": PTuningConfig(num_virtual_tokens=N, encoder="lstm", encoder_hidden_size=d),
                   "prefix": PrefixTuningConfig(num_virtual_tokens=N, prefix_projection=True,
-                                               encoder_hidden_size=PREFIX_HIDDEN)}[method]
+                                               encoder_hidden_size=PREFIX_HIDDEN),
+                  "adaption": LlamaAdapterConfig(adapter_len=ADAPTER_LEN, adapter_layers=ADAPTER_LAYERS, gate="scalar"),
+                  "adaption_paper": LlamaAdapterConfig(adapter_len=ADAPTER_LEN, adapter_layers=ADAPTER_LAYERS,
+                                                       gate="tanh_per_head")}[method]
         core.add_adapter(model, config)
     else:
-        from peft import PrefixTuningConfig as Prefix, PromptEncoderConfig, PromptTuningConfig as Prompt, get_peft_model
+        from peft import (AdaptionPromptConfig, PrefixTuningConfig as Prefix, PromptEncoderConfig,
+                          PromptTuningConfig as Prompt, get_peft_model)
         config = {"prompt": Prompt(task_type="CAUSAL_LM", num_virtual_tokens=N),
                   "ptuning": PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=N, encoder_hidden_size=d,
                                                  encoder_reparameterization_type="LSTM"),
                   "prefix": Prefix(task_type="CAUSAL_LM", num_virtual_tokens=N, prefix_projection=True,
-                                   encoder_hidden_size=PREFIX_HIDDEN)}[method]
+                                   encoder_hidden_size=PREFIX_HIDDEN),
+                  "adaption": AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=ADAPTER_LEN,
+                                                   adapter_layers=ADAPTER_LAYERS)}[method]
         model = get_peft_model(model, config)
     model.to(device).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
@@ -68,19 +82,20 @@ def markdown(result: dict) -> str:
     cuda = result["device"] == "cuda"
     mem_key = "step_peak_mib" if cuda else "step_peak_rss_mib"
     lines = [
-        f"# Prompt tuning, P-tuning and prefix tuning training step: ours vs peft {m.get('peft', '')}", "",
+        f"# Prompt tuning, P-tuning, prefix tuning and LLaMA-Adapter training step: ours vs peft {m.get('peft', '')}", "",
         f"Machine: {m.get('gpu') or m['cpu']}; {m['cpu_count']} cores, torch {m['torch']} with {m['torch_threads']} "
         f"threads, transformers {m.get('transformers', '?')}. Load average before / after: "
         f"{result['load_before']} / {result['load_after']}.", "",
-        f"SmolLM2-135M-Instruct, float32, {N} virtual tokens, batch {BATCH} x {SEQ}, AdamW. Step = forward + "
+        f"SmolLM2-135M-Instruct, float32, {N} virtual tokens (LLaMA-Adapter: {ADAPTER_LEN} in the top "
+        f"{ADAPTER_LAYERS} layers), batch {BATCH} x {SEQ}, AdamW. Step = forward + "
         f"backward + optimizer step. Median of {result['steps']} steps after {result['warmup']} warm-up steps, the "
-        "six models interleaved round-robin in one process. Ratios are ours / peft.", "",
+        f"{len(CONFIGS)} models interleaved round-robin in one process. Ratios are ours / peft.", "",
         f"| method | model | step median (s) | min-max (s) | ours/peft time | saved for backward (MiB) | "
         f"{'step peak (MiB)' if cuda else 'step peak RSS delta (MiB)'} | trainable params |",
         "|---|---|---|---|---|---|---|---|"]
     for method, label in METHODS.items():
-        for owner in ("peft", "ours"):
-            name = f"{owner}-{method}"
+        for name in (REFERENCE[method], f"ours-{method}"):
+            owner = name.split("-")[0]
             ratio = f"**{result['ratios'][method]['time']:.3f}**" if owner == "ours" else ""
             lines.append(f"| {label} | {owner} | {t[name]['median_s']:.3f} | {t[name]['min_s']:.3f}-{t[name]['max_s']:.3f}"
                          f" | {ratio} | {mem[name]['saved_mib']:.1f} | {mem[name][mem_key]:.1f} | "
@@ -118,15 +133,16 @@ def main() -> None:
     mem_key = "step_peak_mib" if args.device == "cuda" else "step_peak_rss_mib"
     ratios = {}
     for method in METHODS:
-        ours, peft = times[f"ours-{method}"], times[f"peft-{method}"]
+        ours, peft = times[f"ours-{method}"], times[REFERENCE[method]]
         ratios[method] = {"time": ours["median_s"] / peft["median_s"],
                           "time_paired": statistics.median(a / b for a, b in zip(ours["steps_s"], peft["steps_s"])),
-                          "saved": memory[f"ours-{method}"]["saved_mib"] / memory[f"peft-{method}"]["saved_mib"],
-                          "peak": memory[f"ours-{method}"][mem_key] / memory[f"peft-{method}"][mem_key]}
+                          "saved": memory[f"ours-{method}"]["saved_mib"] / memory[REFERENCE[method]]["saved_mib"],
+                          "peak": memory[f"ours-{method}"][mem_key] / memory[REFERENCE[method]][mem_key]}
     info = machine(args.device)
     result = {"device": args.device, "machine": info, "steps": args.steps, "warmup": args.warmup,
               "load_before": load_before, "load_after": load_average(),
-              "setting": {"model": SMOLLM2, "num_virtual_tokens": N, "prefix_hidden": PREFIX_HIDDEN, "batch": BATCH,
+              "setting": {"model": SMOLLM2, "num_virtual_tokens": N, "prefix_hidden": PREFIX_HIDDEN,
+                          "adapter_len": ADAPTER_LEN, "adapter_layers": ADAPTER_LAYERS, "batch": BATCH,
                           "seq": SEQ, "lr": LR, "dtype": "float32"},
               "time": times, "memory": memory, "ratios": ratios}
     write_results("prompts", result, markdown(result), args.threads)

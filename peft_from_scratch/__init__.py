@@ -47,7 +47,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
 
 from . import additive, optim, quantized, reparameterized, selective  # noqa: E402,F401 (each registers its methods)
 from . import data, equivalence, evaluate, models  # noqa: E402,F401
-from .additive import HoulsbyConfig, IA3Config, LlamaAdapterConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, fold_prefix
+from .additive import CompacterConfig, HoulsbyConfig, IA3Config, LlamaAdapterConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, fold_prefix
 from .core import (add_adapter, adapter_layers, count_parameters, load_adapter, merge_adapter, methods,
                    print_trainable_parameters, remove_adapter, save_adapter, unmerge_adapter)
 from .optim import PagedAdamW
@@ -58,6 +58,6 @@ from .training import BackpropStep, TrainConfig, evaluate_loss, train
 
 __all__ = ["methods", "add_adapter", "remove_adapter", "save_adapter", "load_adapter", "merge_adapter",
            "unmerge_adapter", "adapter_layers", "count_parameters", "print_trainable_parameters",
-           "LoRAConfig", "DoRAConfig", "RoSAConfig", "HoulsbyConfig", "IA3Config", "LlamaAdapterConfig", "PromptTuningConfig", "PTuningConfig",
+           "LoRAConfig", "DoRAConfig", "RoSAConfig", "CompacterConfig", "HoulsbyConfig", "IA3Config", "LlamaAdapterConfig", "PromptTuningConfig", "PTuningConfig",
            "PrefixTuningConfig", "fold_prefix", "Linear4bit", "quantize_model", "prepare_qlora", "PagedAdamW",
            "train", "TrainConfig", "evaluate_loss", "BackpropStep", "MaskedGradientStep"]

@@ -275,10 +275,19 @@ def tokenize_causal(dataset: Dataset, tokenizer, example_fn: Callable[[dict], tu
     return dataset.map(encode, remove_columns=dataset.column_names)
 
 
-def tokenize_classification(dataset: Dataset, tokenizer, max_length: int = 128) -> Dataset:
-    """``text``/``label`` rows -> ``input_ids``, ``attention_mask`` (+ ``token_type_ids`` for BERT), ``labels``."""
+def tokenize_classification(dataset: Dataset, tokenizer, max_length: int = 128,
+                            text: str | tuple[str, str] = "text") -> Dataset:
+    """``text``/``label`` rows -> ``input_ids``, ``attention_mask`` (+ ``token_type_ids`` for BERT), ``labels``.
+
+    ``text`` names the column, or two columns for a sentence pair (RTE: ``("premise", "hypothesis")``),
+    encoded as the tokenizer joins pairs ([CLS] a [SEP] b [SEP] for BERT), the longer one truncated first."""
+    columns = (text,) if isinstance(text, str) else tuple(text)
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing or len(columns) not in (1, 2):
+        raise ValueError(f"text must name one or two of the dataset's columns {dataset.column_names}, got {text!r}")
+
     def encode(batch):
-        encoded = dict(tokenizer(batch["text"], truncation=True, max_length=max_length))
+        encoded = dict(tokenizer(*(batch[c] for c in columns), truncation=True, max_length=max_length))
         return {**encoded, "labels": batch["label"]}
     return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
 

@@ -1,6 +1,7 @@
 """The AdapterHub side of peft_from_scratch/interop/adapterhub.py, run in a subprocess with transformers 4.57.6.
 
     PYTHONPATH=<cached env> python scripts/adapterhub_worker.py CASE_DIR [CASE_DIR ...]
+    PYTHONPATH=<cached env> python scripts/adapterhub_worker.py --serve CASE_DIR    (bench/bench_compacter.py)
 
 The cached env (requirements/adapterhub.txt) holds adapters 1.3.0, transformers 4.57.6 and their
 hub/tokenizers pins; torch, numpy and safetensors come from the project's venv. This script is
@@ -8,7 +9,8 @@ standalone: it imports nothing from peft_from_scratch (whose modules need transf
 lives outside the package, so no module of ours can shadow AdapterHub's ``adapters``. Every CASE_DIR holds what ``prepare_case`` wrote:
 
     case.json            {"base": folder with config.json + model.safetensors, "config_class":
-                          "DoubleSeqBnConfig" | "SeqBnConfig" | "ParBnConfig", "config": {...},
+                          "DoubleSeqBnConfig" | "SeqBnConfig" | "ParBnConfig" | "CompacterConfig" |
+                          "CompacterPlusPlusConfig", "config": {...},
                           "steps": k, "lr": lr}
     adapter.safetensors  our trained tensors, already under AdapterHub's parameter names
     batches.safetensors  <input name>.<i>: input_ids.0, attention_mask.0, labels.0, input_ids.1, ...
@@ -25,6 +27,8 @@ import importlib.metadata as md
 import json
 import os
 import sys
+import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -55,7 +59,9 @@ def check_requirements() -> None:
                  "requirements/adapterhub.txt:\n  " + "\n  ".join(bad))
 
 
-def run_case(case_dir: Path) -> None:
+def build(case_dir: Path):
+    """The case's BERT classifier with AdapterHub's adapter "a", our values copied in; its trained
+    tensors by AdapterHub's names; the batches ({i: {input name: tensor}}); the case."""
     case = json.loads((case_dir / "case.json").read_text())
     base = Path(case["base"])
 
@@ -87,6 +93,11 @@ def run_case(case_dir: Path) -> None:
     for key, value in data.items():
         name, _, i = key.rpartition(".")
         batches.setdefault(int(i), {})[name] = value
+    return model, params, batches, case
+
+
+def run_case(case_dir: Path) -> None:
+    model, params, batches, case = build(case_dir)
     opt = torch.optim.AdamW(params.values(), lr=case["lr"])
     out = {}
     for step in range(case["steps"]):
@@ -105,8 +116,50 @@ def run_case(case_dir: Path) -> None:
                      "torch": torch.__version__, "transformers_file": transformers.__file__}}))
 
 
+def serve(case_dir: Path) -> None:
+    """For bench/bench_compacter.py: build the case's model, then answer one command per stdin line,
+    one JSON line each, so that the benchmark steps this process and its own in turn:
+    "step" -> {"s": seconds of one AdamW training step}; "memory" -> {"saved_mib": what autograd
+    saves for backward in one forward, parameters excluded}; "quit"."""
+    model, params, batches, case = build(case_dir)
+    model.train()                     # as the benchmark trains ours (dropout on both sides)
+    opt = torch.optim.AdamW(params.values(), lr=case["lr"])
+
+    def step(i):
+        model(**batches[i % len(batches)]).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    i = 0
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "step":
+            start = time.perf_counter()
+            step(i)
+            out = {"s": time.perf_counter() - start}
+        elif command == "memory":     # the measure of bench/common.py's measure_memory, repeated here: this
+            packed = []               # script cannot import the project (its transformers is 4.57)
+            weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(weakref.ref(t)) or t, lambda t: t):
+                loss = model(**batches[i % len(batches)]).loss
+            alive = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (r() for r in packed)
+                     if t is not None and t.untyped_storage().data_ptr() not in weights}
+            loss.backward()
+            opt.zero_grad(set_to_none=True)
+            out = {"saved_mib": sum(alive.values()) / 2**20}
+        elif command == "quit":
+            return
+        else:
+            out = {"error": f"unknown command {command!r}"}
+        i += 1
+        print(json.dumps(out), flush=True)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))   # the caller's count
     check_requirements()
-    for arg in sys.argv[1:]:
-        run_case(Path(arg))
+    if sys.argv[1:2] == ["--serve"]:
+        serve(Path(sys.argv[2]))
+    else:
+        for arg in sys.argv[1:]:
+            run_case(Path(arg))

@@ -29,6 +29,7 @@ import torch
 
 from peft_from_scratch import core
 from peft_from_scratch.interop import adapterhub
+from peft_from_scratch.additive.compacter import CompacterConfig
 from peft_from_scratch.additive.houlsby import HoulsbyConfig
 from peft_from_scratch.models import MINILM, tiny_bert
 from tests.helpers import ATOL, RTOL, one_thread, real_model, tokens  # noqa: F401  (one_thread: autouse)
@@ -67,14 +68,23 @@ CASES = {
     "tiny-parallel-gelu": ("tiny", HoulsbyConfig(m=8, placement="parallel"), None),
     "minilm-houlsby-gelu": ("minilm", HoulsbyConfig(m=16), None),
     "minilm-pfeiffer-gelu": ("minilm", HoulsbyConfig(m=16, placement="pfeiffer"), None),
-    # SeqBn's default placement, for test_seqbn_default_is_a_different_function
+    "tiny-compacter": ("tiny", CompacterConfig(reduction_factor=4, phm_dim=2), None),
+    "tiny-compacterpp-rank2": ("tiny", CompacterConfig(reduction_factor=2, phm_dim=4, rank=2, placement="pfeiffer",
+                                                       non_linearity="gelu_new"), None),
+    "minilm-compacter": ("minilm", CompacterConfig(), None),                     # the paper's: m = d/32, n = 4, r = 1
+    "minilm-compacterpp": ("minilm", CompacterConfig(placement="pfeiffer"), None),
+    # the defaults we do not compute, for test_adapterhub_defaults_are_different_functions
     "tiny-seqbn-default": ("tiny", HoulsbyConfig(m=8, placement="pfeiffer"),
                            ("SeqBnConfig", {"reduction_factor": 8.0, "non_linearity": "gelu"})),
+    "tiny-compacterpp-default": ("tiny", CompacterConfig(reduction_factor=4, phm_dim=2, placement="pfeiffer"),
+                                 ("CompacterPlusPlusConfig", {"reduction_factor": 4, "phm_dim": 2,
+                                                              "non_linearity": "gelu"})),
 }
-SLOW = {"minilm-houlsby-gelu", "minilm-pfeiffer-gelu"}
+SLOW = {"minilm-houlsby-gelu", "minilm-pfeiffer-gelu", "minilm-compacter", "minilm-compacterpp"}
+DEFAULTS = ("tiny-seqbn-default", "tiny-compacterpp-default")
 
 
-def adapted(kind: str, config: HoulsbyConfig):
+def adapted(kind: str, config: HoulsbyConfig | CompacterConfig):
     base = tiny_bert(seed=0) if kind == "tiny" else real_model(MINILM)
     model = core.add_adapter(base, dataclasses.replace(config, modules_to_save=["classifier"]))
     adapterhub.perturb(model)
@@ -105,7 +115,7 @@ def reports(request, tmp_path_factory) -> dict[str, adapterhub.AdapterHubReport]
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] if c in SLOW else [])
-                                  for c in CASES if c != "tiny-seqbn-default"])
+                                  for c in CASES if c not in DEFAULTS])
 def test_same_as_adapterhub(reports, case):
     r = reports[case]
     assert r.versions["transformers"] == "4.57.6" and r.versions["adapters"] == "1.3.0"
@@ -115,9 +125,10 @@ def test_same_as_adapterhub(reports, case):
     assert r.passed, r.table()
 
 
-@pytest.mark.parametrize("case", ["tiny-seqbn-default"])
-def test_seqbn_default_is_a_different_function(reports, case):
-    """AdapterHub's SeqBnConfig default (original_ln_before=True) feeds the adapter LN(h + x), not h."""
+@pytest.mark.parametrize("case", DEFAULTS)
+def test_adapterhub_defaults_are_different_functions(reports, case):
+    """AdapterHub's SeqBnConfig and CompacterPlusPlusConfig defaults (original_ln_before=True) feed the
+    adapter LN(h + x), not the feed-forward output h as Pfeiffer's and Compacter++'s papers do."""
     r = reports[case]
     print(f"\n{case}: max |ours - AdapterHub's| / max |AdapterHub's| over the steps = {r.diffs['logits'].rel:.2f}")
     assert r.diffs["logits"].rel > 0.05 and not r.passed

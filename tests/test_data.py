@@ -207,6 +207,18 @@ def test_tokenize_classification(minilm):
     assert batch["labels"].shape == (6,) and batch["input_ids"].shape == batch["token_type_ids"].shape
 
 
+def test_tokenize_classification_of_sentence_pairs(minilm):
+    rows = data.load_rte("validation", n=4)
+    ds = data.tokenize_classification(rows, minilm, max_length=32, text=("premise", "hypothesis"))
+    for ids, types, row in zip(ds["input_ids"], ds["token_type_ids"], rows):
+        assert len(ids) <= 32 and ids.count(minilm.sep_token_id) == 2        # [CLS] a [SEP] b [SEP]
+        second = minilm.decode([t for t, k in zip(ids, types) if k == 1], skip_special_tokens=True)
+        assert second == minilm.decode(minilm(row["hypothesis"], add_special_tokens=False)["input_ids"])
+    assert ds["labels"] == rows["label"]
+    with pytest.raises(ValueError, match="one or two of the dataset's columns"):
+        data.tokenize_classification(rows, minilm, text=("premise", "question"))
+
+
 # ----------------------------------------------------------------------------- batching
 
 def test_collator_right_pads_each_field_with_its_own_value():

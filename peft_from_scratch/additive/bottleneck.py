@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NON_LINEARITIES = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "silu": F.silu, "tanh": torch.tanh}
+NON_LINEARITIES = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),   # gelu_new: transformers' name
+                   "relu": F.relu, "swish": F.silu, "silu": F.silu, "tanh": torch.tanh}
 
 
 def check_non_linearity(name: str) -> None:
@@ -41,6 +42,10 @@ class Bottleneck(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:   # (..., d) -> (..., m) -> (..., d)
         return self.up(self.f(self.down(h)))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.down.weight.dtype
 
 
 def float_dtype(module: nn.Module) -> torch.dtype:

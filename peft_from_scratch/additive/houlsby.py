@@ -71,21 +71,34 @@ PLACEMENT_TARGETS = {
 LAYER_NORMS = r".*[Nn]orm\.(weight|bias)"   # BERT's LayerNorm, Llama's *_layernorm and final norm
 
 
+def placement_targets(model: nn.Module, placement: str, target_modules=None):
+    """``target_modules`` if given, else the modules ``placement`` wraps in this model's architecture."""
+    if target_modules is not None:
+        return target_modules
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    family = {"bert": "bert", "roberta": "bert", "llama": "llama", "mistral": "llama", "qwen2": "llama"}.get(model_type)
+    if family is None:
+        raise ValueError(f"no default adapter placement for model type {model_type!r} (known: BERT and "
+                         f"Llama families); pass target_modules naming the output layers to wrap")
+    return PLACEMENT_TARGETS[family][placement]
+
+
 
 class HoulsbyAdapterLinear(AdapterLayer):
     """x -> A(W x + b) = h + Bottleneck(h) with h = base_layer(x): the serial (Houlsby/Pfeiffer) adapter."""
 
     def __init__(self, base_layer: nn.Linear, m: int, non_linearity: str = "gelu", init_std: float = 1e-2,
-                 name: str = ""):
+                 name: str = "", adapter: nn.Module | None = None):
         super().__init__(base_layer)
         d = base_layer.out_features
-        self.adapter = Bottleneck(d, m, non_linearity, init_std, float_dtype(base_layer),
-                                  base_layer.weight.device, name)
+        # ``adapter``: another d -> m -> d branch in place of the Bottleneck (Compacter's PHM bottleneck)
+        self.adapter = adapter or Bottleneck(d, m, non_linearity, init_std, float_dtype(base_layer),
+                                             base_layer.weight.device, name)
         self.train(base_layer.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base_layer(x)
-        return h + self.adapter(h.to(self.adapter.down.weight.dtype)).to(h.dtype)
+        return h + self.adapter(h.to(self.adapter.dtype)).to(h.dtype)
 
 
 class ParallelAdapter(AdapterLayer):
@@ -150,15 +163,7 @@ class HoulsbyConfig(AdapterConfig):
             self.extra_trainable.append(LAYER_NORMS)
 
     def inject(self, model: nn.Module) -> None:
-        targets = self.target_modules
-        if targets is None:
-            model_type = getattr(getattr(model, "config", None), "model_type", None)
-            family = {"bert": "bert", "roberta": "bert", "llama": "llama", "mistral": "llama",
-                      "qwen2": "llama"}.get(model_type)
-            if family is None:
-                raise ValueError(f"no default adapter placement for model type {model_type!r} (known: BERT and "
-                                 f"Llama families); pass target_modules naming the output layers to wrap")
-            targets = PLACEMENT_TARGETS[family][self.placement]
+        targets = placement_targets(model, self.placement, self.target_modules)
         AdapterConfig.inject(dataclasses.replace(self, target_modules=targets), model)
 
     def make_layer(self, name: str, module: nn.Module) -> AdapterLayer:

@@ -1,7 +1,8 @@
 """Our bottleneck adapters against AdapterHub's ``adapters`` 1.3.0, the reference library for them.
 
-peft has no bottleneck adapters; AdapterHub's ``adapters`` has (Houlsby, Pfeiffer, parallel). One
-call runs the comparison on a BERT classifier carrying our ``HoulsbyConfig`` adapter::
+peft has no bottleneck adapters; AdapterHub's ``adapters`` has (Houlsby, Pfeiffer, parallel, and
+Compacter / Compacter++). One call runs the comparison on a BERT classifier carrying our
+``HoulsbyConfig`` or ``CompacterConfig`` adapter::
 
     model = core.add_adapter(bert, HoulsbyConfig(m=64, modules_to_save=["classifier"]))
     perturb(model)                          # "trained" values, so that agreeing means something
@@ -48,6 +49,11 @@ from adapters/methods/modeling.py, ``Adapter.pre_forward``/``forward``/``post_fo
 * parallel = ``ParBnConfig(scaling=1.0)``: LN(FFN(x) + up(f(down(x))) + x); AdapterHub's default
   scales the adapter's output by 4.
 
+Compacter: ``CompacterConfig(placement="houlsby")`` = AdapterHub's ``CompacterConfig`` and
+``placement="pfeiffer"`` = ``CompacterPlusPlusConfig(original_ln_before=False)``, for the same
+reason as SeqBn's (``additive/compacter.py`` says where AdapterHub parts from the paper). The
+shared rule ``phm_rule.C`` is AdapterHub's ``bert.shared_parameters.<adapter>.phm_rule``.
+
 And one that does not show in eval mode: AdapterHub (like adapter-bert) applies the layer's hidden
 dropout *before* the adapter, ours after it (we wrap the dense layer, and BertSelfOutput/BertOutput
 apply dropout to what it returns). With dropout off the two are the same function.
@@ -75,8 +81,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..additive.compacter import CompacterConfig, SharedRule
 from ..additive.houlsby import HoulsbyConfig
-from ..core import adapter_layers
+from ..core import adapter_layers, model_adapters
 from ..equivalence import Report
 from ..models import cache_dir
 
@@ -162,13 +169,23 @@ def run_worker(folders: list[Path]) -> None:
     if not WORKER.exists():
         raise AdapterHubError(f"{WORKER} is missing: the AdapterHub comparison runs from a source checkout of the "
                               "repository (the worker script is not part of the installed package)")
-    threads = torch.get_num_threads()   # the same as our side, so that both sum in the same order
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(adapterhub_env()), os.environ.get("PYTHONPATH", "")]),
-               HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
-    proc = subprocess.run([sys.executable, str(WORKER), *map(str, folders)], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, str(WORKER), *map(str, folders)], env=worker_env(), capture_output=True,
                           text=True, cwd=tempfile.gettempdir())
     if proc.returncode != 0:
         raise AdapterHubError(f"the AdapterHub worker failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+
+
+def worker_env() -> dict:
+    """The worker's environment: the cached AdapterHub env first on its path, our thread count (the same
+    as our side, so that both sum in the same order), no hub."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(adapterhub_env()), os.environ.get("PYTHONPATH", "")]),
+                HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
+
+
+def serve_worker(folder: Path) -> subprocess.Popen:
+    """The worker in ``--serve`` mode on one case folder (bench/bench_compacter.py steps it by stdin)."""
+    return subprocess.Popen([sys.executable, str(WORKER), "--serve", str(folder)], env=worker_env(), text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=tempfile.gettempdir())
 
 
 # ----------------------------------------------------------------------------- 2. names and configs
@@ -180,18 +197,28 @@ def to_adapterhub_key(key: str, name: str = "a") -> str:
     bert.encoder.layer.0.output.adapter.up.bias                        (parallel: wraps BertOutput)
     -> bert.encoder.layer.0.attention.output.adapters.a.adapter_down.0.weight  (adapter_down = [Linear, act])
     -> bert.encoder.layer.0.output.adapters.a.adapter_up.bias
+    Compacter's PHM tensors keep their names (W_left, W_right, b) and its shared rule moves under the
+    encoder: phm_rule.C -> bert.shared_parameters.a.phm_rule.
     The layer norms and the classifier have the same names in both (once ".base_layer" is dropped).
     """
     key = key.replace(".base_layer", "")
-    m = re.fullmatch(r"(.*\.output)(?:\.dense)?\.adapter\.(down|up)\.(weight|bias)", key)
+    if key == f"{SharedRule.attr}.C":
+        return f"bert.shared_parameters.{name}.phm_rule"
+    m = re.fullmatch(r"(.*\.output)(?:\.dense)?\.adapter\.(down|up)\.(weight|bias|W_left|W_right|b)", key)
     if m is None:
         return key
     module, proj, kind = m.groups()
     return f"{module}.adapters.{name}.{'adapter_down.0' if proj == 'down' else 'adapter_up'}.{kind}"
 
 
-def adapterhub_config(config: HoulsbyConfig, d: int) -> tuple[str, dict]:
-    """The AdapterHub config class and arguments that compute what ``config`` computes (module docstring)."""
+def adapterhub_config(config: HoulsbyConfig | CompacterConfig, d: int) -> tuple[str, dict]:
+    """The AdapterHub config class and arguments that compute what ``config`` computes (module docstring;
+    for Compacter, ``additive/compacter.py``'s)."""
+    if isinstance(config, CompacterConfig):
+        common = {"reduction_factor": config.reduction_factor, "non_linearity": config.non_linearity,
+                  "phm_dim": config.phm_dim, "phm_rank": config.rank, "phm_init_range": config.phm_init_range}
+        return {"houlsby": ("CompacterConfig", common),
+                "pfeiffer": ("CompacterPlusPlusConfig", {**common, "original_ln_before": False})}[config.placement]
     if d % config.m:
         raise ValueError(f"AdapterHub's bottleneck is int(d // reduction_factor); pick m dividing d={d}, "
                          f"not m={config.m}")
@@ -212,7 +239,12 @@ def perturb(model: nn.Module, seed: int = 1) -> None:
             if not p.requires_grad:
                 continue
             noise = torch.randn(p.shape, generator=g).to(p)
-            if ".adapter." in name:
+            if name.endswith(("W_right", f"{SharedRule.attr}.C")):   # Compacter: C and R ~ N(0, 1), and L scaled
+                p.copy_(noise)                                        # so that H = sum_i C_i (x) L_i R_i has the
+            elif name.endswith("W_left"):                             # gain of a 1/sqrt(d_in) matrix
+                n, per_axis, rank = p.shape
+                p.copy_(noise / (n * per_axis * n * rank) ** 0.5)
+            elif ".adapter." in name:
                 p.copy_(noise / p.shape[1] ** 0.5 if name.endswith("weight") else 0.1 * noise)
             elif "LayerNorm.weight" in name:
                 p.mul_(1 + 0.1 * noise)
@@ -280,16 +312,16 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model without its adapter: wrapped layers' weights under their plain names, adapter
     branches left out. (Trained layer norms and head keep their current values; they are sent again
     with the adapter anyway.)"""
-    branches = tuple(n + "." for n in adapter_layers(model))
+    branches = tuple(n + "." for n in [*adapter_layers(model), *model_adapters(model)])   # + Compacter's phm_rule
     return {k.replace(".base_layer", ""): v.detach().cpu().contiguous() for k, v in model.state_dict().items()
             if not (k.startswith(branches) and ".base_layer." not in k)}
 
 
-def check_model(model: nn.Module, adapterhub: tuple[str, dict] | None) -> HoulsbyConfig:
+def check_model(model: nn.Module, adapterhub: tuple[str, dict] | None) -> HoulsbyConfig | CompacterConfig:
     config = getattr(model, "adapter_config", None)
-    if not isinstance(config, HoulsbyConfig):
+    if not isinstance(config, (HoulsbyConfig, CompacterConfig)):
         raise ValueError("compare needs a model with our bottleneck adapter: "
-                         "core.add_adapter(model, HoulsbyConfig(...))")
+                         "core.add_adapter(model, HoulsbyConfig(...)) or CompacterConfig(...)")
     bert_classifier = type(model).__name__.endswith("ForSequenceClassification")
     if getattr(model.config, "model_type", None) != "bert" or not bert_classifier:
         raise ValueError(f"the AdapterHub worker builds a BertForSequenceClassification; this is a "
@@ -298,8 +330,8 @@ def check_model(model: nn.Module, adapterhub: tuple[str, dict] | None) -> Houlsb
         raise ValueError("with custom target_modules there is no AdapterHub config to compare with; "
                          "use the default placements or pass adapterhub=(class name, arguments)")
     if not config.train_layer_norms or list(config.modules_to_save) != ["classifier"]:
-        raise ValueError("AdapterHub's recipe trains the adapters, every LayerNorm and the head; use "
-                         "HoulsbyConfig(..., train_layer_norms=True, modules_to_save=['classifier'])")
+        raise ValueError(f"AdapterHub's recipe trains the adapters, every LayerNorm and the head; use "
+                         f"{type(config).__name__}(..., train_layer_norms=True, modules_to_save=['classifier'])")
     return config
 
 
