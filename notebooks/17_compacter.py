@@ -148,11 +148,11 @@ for what, ok in same.items():
 with torch.no_grad():
     terms = [torch.kron(A[i], mine.s[i] @ mine.t[i].T) for i in range(n)]
     W = sum(terms)
-fig, axes = plt.subplots(1, 4, figsize=(12, 2.6), gridspec_kw={"width_ratios": [1, 4, 8, 8]})
-for ax, (img, title) in zip(axes, [(A[0].detach(), "$A_1$ (4 x 4, shared)"),
-                                   ((mine.s[0] @ mine.t[0].T).detach()[:, :24], "$s_1 t_1^T$ (3 x 96, rank 1; 24 columns)"),
-                                   (terms[0][:, :96], "$A_1 \\otimes s_1 t_1^T$ (12 x 384; 96 columns)"),
-                                   (W[:, :96], "$W = \\sum_i A_i \\otimes s_i t_i^T$ (96 columns)")]):
+fig, axes = plt.subplots(1, 4, figsize=(12, 2.8), gridspec_kw={"width_ratios": [2, 4, 8, 8]})
+for ax, (img, title) in zip(axes, [(A[0].detach(), "$A_1$: 4 x 4,\nshared"),
+                                   ((mine.s[0] @ mine.t[0].T).detach()[:, :24], "$s_1 t_1^T$: 3 x 96, rank 1\n(first 24 columns)"),
+                                   (terms[0][:, :96], "$A_1 \\otimes s_1 t_1^T$: 12 x 384\n(first 96 columns)"),
+                                   (W[:, :96], "$W = \\sum_i A_i \\otimes s_i t_i^T$: 12 x 384\n(first 96 columns)")]):
     ax.imshow(img, cmap="RdBu", aspect="auto")
     ax.set_title(title, fontsize=9); ax.set_xticks([]); ax.set_yticks([])
 plt.tight_layout(); plt.show()
@@ -326,12 +326,14 @@ for (label, res), task in zip(results.items(), (sst, rte)):
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
 markers = {"Compacter": "o", "Compacter++": "D", f"Houlsby m={m}": "s", f"Pfeiffer m={m}": "^",
            "LoRA r=8 (q, v)": "v", "full fine-tuning": "*"}
+colors = dict(zip(markers, plt.rcParams["axes.prop_cycle"].by_key()["color"]))   # one colour per method in both
 for ax, (label, res), task in zip(axes, results.items(), (sst, rte)):
     for name, r in res.items():
-        ax.semilogx([r["trained"]], [accuracy[label][name]], markers[name], ms=10, label=name)
+        ax.semilogx([r["trained"]], [accuracy[label][name]], markers[name], color=colors[name], ms=10, label=name)
     ax.axhline(task.majority(), ls=":", color="grey", label="majority class")
     ax.set_xlabel("trained parameters (adapters, LayerNorms, head)"); ax.set_ylabel(f"{label} validation accuracy")
-    ax.set_title(f"MiniLM on {label}, {task.steps} steps, lr swept per method", fontsize=10)
+    swept = "lr swept per method" if label == "SST-2" or rte_own_sweep else "each at its SST-2 lr"
+    ax.set_title(f"MiniLM on {label}, {task.steps} steps, {swept}", fontsize=10)
 axes[0].legend(fontsize=8)
 plt.tight_layout(); plt.show()
 

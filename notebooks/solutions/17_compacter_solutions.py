@@ -79,6 +79,8 @@ adapter_own = sum(p.numel() for n, p in compacter["model"].named_parameters() if
 print(f"{adapters} adapters: {own['trained'] - compacter['trained']:,d} more parameters unshared "
       f"(= (adapters - 1) n^3 = {(adapters - 1) * 4 ** 3}), against the {adapter_own:,d} of the shared Compacter's adapters")
 gap_own = against(own, compacter, "one A per adapter")
+print("unsharing adds (adapters - 1) n^3 trained parameters:",
+      run.check("unsharing_adds_adapters_minus_one_n_cubed", own["trained"] - compacter["trained"] == (adapters - 1) * 4 ** 3))
 
 # %% [markdown]
 # The saving is a few hundred numbers out of the adapters' fourteen thousand: at $n = 4$ the shared
@@ -92,6 +94,9 @@ gap_own = against(own, compacter, "one A per adapter")
 rank4 = fit("Compacter rank 4", rank=4)
 print(f"rank 4 trains {rank4['trained'] - compacter['trained']:,d} more parameters (3 (k + d) per projection)")
 gap_rank = against(rank4, compacter, "rank 4")
+print("rank 4 adds 3 (k + d) per projection, two projections per adapter:",
+      run.check("rank4_adds_three_k_plus_d_per_projection",
+                rank4["trained"] - compacter["trained"] == 3 * 2 * adapters * (d + d // 32)))
 
 # %% [markdown]
 # ## 3. The number of Kronecker products $n$
@@ -102,6 +107,7 @@ gap_rank = against(rank4, compacter, "rank 4")
 
 # %%
 m = d // 32
+ranks = {}
 for n in (2, 4, 6, 12):
     model = core.add_adapter(sst.base(), CompacterConfig(phm_dim=n, modules_to_save=["classifier"]))
     with torch.no_grad():
@@ -109,9 +115,14 @@ for n in (2, 4, 6, 12):
             if p.requires_grad and p.dim() == 3:          # C, the W_left and W_right: random, as after training
                 p.normal_()
         down = model.bert.encoder.layer[0].output.dense.adapter.down
-        rank = torch.linalg.matrix_rank(down.weight()).item()
+        rank = ranks[n] = torch.linalg.matrix_rank(down.weight()).item()
     print(f"n = {n:2d}: {parameter_count(d, m, adapters=12, n=n):,d} adapter parameters; "
           f"rank of a 384 x 12 down projection {rank} (bound n^2 r = {n * n}, at most 12)")
+
+# %% [markdown]
+# %%
+print("the rank never exceeds min(n^2 r, 12), and at n = 2 the bound (4) binds:",
+      run.check("phm_rank_bound", all(r <= min(n * n, m) for n, r in ranks.items()) and ranks[2] == 4))
 
 # %% [markdown]
 # ## 4. Frozen LayerNorms
@@ -122,6 +133,9 @@ without_norms = fit("Compacter++ without LayerNorms", placement="pfeiffer", trai
 print(f"the LayerNorms are {with_norms['trained'] - without_norms['trained']:,d} of Compacter++'s "
       f"{with_norms['trained']:,d} trained parameters")
 gap_norms = against(without_norms, with_norms, "Compacter++ with frozen LayerNorms", "Compacter++")
+norms = sum(p.numel() for n, p in with_norms["model"].named_parameters() if "LayerNorm" in n)
+print("freezing them removes exactly the LayerNorms' parameters:",
+      run.check("frozen_norms_remove_the_layer_norm_parameters", with_norms["trained"] - without_norms["trained"] == norms))
 
 # %%
 _ = run.save(metrics={"lr": lr, "compacter": accuracy(compacter),
