@@ -15,10 +15,7 @@ import torch.nn.functional as F
 from peft_from_scratch import core
 from peft_from_scratch.additive.compacter import CompacterConfig, PHMLinear, parameter_count
 from peft_from_scratch.models import tiny_bert, tiny_llama
-
-
-def tokens(seed=0, vocab=128, shape=(2, 12)):
-    return torch.randint(1, vocab, shape, generator=torch.Generator().manual_seed(seed))
+from tests.helpers import tokens
 
 
 def perturb(model, seed=1, std=0.3):
