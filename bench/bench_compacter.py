@@ -12,7 +12,7 @@ takes one step each time it is told. The two processes are stepped in turn, roun
 order rotating each round (``common.round_robin``): never at once, so each has the cores to itself,
 and both see the same load. The worker reports its own step time (no pipe in it); ours is timed the
 same way around the step. Memory: what autograd saves for backward in one forward, counted in each
-process the same way (``common.measure_memory``'s method). Not the step's peak RSS: the two processes
+process the same way (``common.saved_for_backward_mib``). Not the step's peak RSS: the two processes
 hold different numbers of models and allocator caches, so their RSS rises do not compare.
 
     python -m bench.bench_compacter [--steps 20] [--warmup 3] [--threads N]
@@ -23,17 +23,18 @@ path here.
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.metadata as md
 import json
 import os
 import statistics
 import tempfile
 import time
-import weakref
 from pathlib import Path
 
 import torch
 
-from bench.common import load_average, machine, round_robin, step, write_results
+from bench.common import load_average, machine, round_robin, saved_for_backward_mib, step, write_results
 from peft_from_scratch import core
 from peft_from_scratch.additive.compacter import CompacterConfig
 from peft_from_scratch.interop import adapterhub
@@ -63,14 +64,7 @@ class Ours:
         return time.perf_counter() - start
 
     def memory(self) -> dict:
-        packed, weights = [], {p.untyped_storage().data_ptr() for p in self.model.parameters()}
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(weakref.ref(t)) or t, lambda t: t):
-            loss = self.model(**self.data[0]).loss
-        alive = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (r() for r in packed)
-                 if t is not None and t.untyped_storage().data_ptr() not in weights}
-        loss.backward()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"saved_mib": sum(alive.values()) / 2**20}
+        return {"saved_mib": saved_for_backward_mib(self.model, self.optimizer, self.data[0])}
 
 
 class Theirs:
@@ -134,7 +128,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-compacter-") as tmp:
         try:
             for placement in METHODS:
-                ours[placement] = Ours(load_model(MINILM, num_labels=2)[0], placement, data)
+                ours[placement] = Ours(copy.deepcopy(base), placement, data)
                 theirs[placement] = Theirs(ours[placement], Path(tmp) / placement)
             fns = {**{f"ours-{p}": o.step for p, o in ours.items()}, **{f"adapterhub-{p}": t.step for p, t in theirs.items()}}
             recorded = {name: [] for name in fns}
@@ -149,7 +143,6 @@ def main() -> None:
     ratios = {p: {"time": statistics.median(times[f"ours-{p}"]) / statistics.median(times[f"adapterhub-{p}"]),
                   "time_paired": statistics.median(a / b for a, b in zip(times[f"ours-{p}"], times[f"adapterhub-{p}"])),
                   "saved": memory[f"ours-{p}"]["saved_mib"] / memory[f"adapterhub-{p}"]["saved_mib"]} for p in METHODS}
-    import importlib.metadata as md
     env = adapterhub.adapterhub_env()
     version = next((d.version for d in md.distributions(path=[str(env)]) if d.metadata["Name"] == "adapters"), "?")
     result = {"device": "cpu", "machine": machine("cpu"), "steps": args.steps, "warmup": args.warmup,

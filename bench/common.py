@@ -162,6 +162,22 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def saved_for_backward_mib(model, optimizer, batch) -> float:
+    """MiB autograd saves for backward in one forward on ``batch``: every tensor it packs, counted if
+    it is still alive when the forward returns (a graph that was built and dropped inside the forward,
+    like peft's B(A(eye)), frees its tensors at once) and once per storage, parameters excluded. The
+    backward then runs and the gradients are dropped."""
+    packed = []
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(weakref.ref(t)) or t, lambda t: t):
+        loss = model(**batch).loss
+    alive = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (r() for r in packed)
+             if t is not None and t.untyped_storage().data_ptr() not in params}
+    loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    return sum(alive.values()) / 2**20
+
+
 def measure_memory(name: str, device: str, warmup: int, build) -> dict:
     """Runs inside the subprocess: build one model, warm up, then measure one step."""
     base, _ = load_model(SMOLLM2)
@@ -171,19 +187,7 @@ def measure_memory(name: str, device: str, warmup: int, build) -> dict:
     for batch in batches[:warmup]:
         step(model, optimizer, batch)
 
-    # Saved for backward: every tensor autograd packs during the forward, counted if it is still
-    # alive when the forward returns (a graph that was built and dropped inside the forward, like
-    # peft's B(A(eye)), frees its tensors at once) and once per storage, parameters excluded.
-    packed = []
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(weakref.ref(t)) or t, lambda t: t):
-        loss = model(**batches[warmup]).loss
-    alive = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (r() for r in packed)
-             if t is not None and t.untyped_storage().data_ptr() not in params}
-    loss.backward()
-    optimizer.zero_grad(set_to_none=True)
-    del loss
-    result = {"saved_mib": sum(alive.values()) / 2**20}
+    result = {"saved_mib": saved_for_backward_mib(model, optimizer, batches[warmup])}
 
     if device == "cuda":
         torch.cuda.synchronize()

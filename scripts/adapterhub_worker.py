@@ -137,7 +137,7 @@ def serve(case_dir: Path) -> None:
             start = time.perf_counter()
             step(i)
             out = {"s": time.perf_counter() - start}
-        elif command == "memory":     # the measure of bench/common.py's measure_memory, repeated here: this
+        elif command == "memory":     # bench/common.py's saved_for_backward_mib, repeated here: this
             packed = []               # script cannot import the project (its transformers is 4.57)
             weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
             with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(weakref.ref(t)) or t, lambda t: t):
