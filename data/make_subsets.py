@@ -24,6 +24,8 @@ OUT = Path(__file__).resolve().parent
 AGNEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]  # the standard AG News class order
 N_SST2_TRAIN, N_AGNEWS_TRAIN, N_AGNEWS_TEST, N_GSM8K_TRAIN, N_SHAKESPEARE_CHARS = 8000, 4000, 1000, 2000, 200_000
 N_RTE_TRAIN = 600
+N_MRPC_TRAIN = 600
+MRPC_LICENSE = "Microsoft Shared Source License.htm"
 
 
 def read_lines(path: Path) -> list[str]:
@@ -152,6 +154,27 @@ def make_rte(raw: Path, notes: dict) -> None:
                         entailment=labels.count("entailment"), val=len(val_lines))
 
 
+def make_mrpc(raw: Path, notes: dict) -> None:
+    """MRPC (GLUE's TSV, a UTF-8 BOM before the header): 600 training pairs sampled, dev whole, and the
+    Microsoft Research Shared Source License copied beside them (it must travel with the data)."""
+    def well_formed(line: str) -> bool:
+        fields = line.split("\t")
+        return len(fields) == 5 and fields[0] in ("0", "1") and fields[3].strip() != "" and fields[4].strip() != ""
+
+    lines = read_lines(raw / "mrpc" / "train.tsv")
+    dev_lines = read_lines(raw / "mrpc" / "dev.tsv")
+    assert all(well_formed(line) for line in dev_lines[1:]), "mrpc/dev.tsv"
+    dev_pairs = {tuple(line.split("\t")[3:5]) for line in dev_lines[1:]}
+    good = [i for i in range(1, len(lines)) if well_formed(lines[i])]
+    clean = [i for i in good if tuple(lines[i].split("\t")[3:5]) not in dev_pairs]
+    keep = sorted(sample(clean, N_MRPC_TRAIN, random.Random(SEED)))
+    write_lines(OUT / "mrpc" / "train.tsv", [lines[0]] + [lines[i] for i in keep])
+    shutil.copyfile(raw / "mrpc" / "dev.tsv", OUT / "mrpc" / "dev.tsv")
+    shutil.copyfile(raw / "mrpc" / MRPC_LICENSE, OUT / "mrpc" / MRPC_LICENSE)
+    notes["mrpc"] = dict(pool=len(lines) - 1, malformed=len(lines) - 1 - len(good), in_dev=len(good) - len(clean),
+                         paraphrase=sum(lines[i].startswith("1\t") for i in keep), dev=len(dev_lines) - 1)
+
+
 def make_tinyshakespeare(raw: Path, notes: dict) -> None:
     text = (raw / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
     (OUT / "tinyshakespeare").mkdir(parents=True, exist_ok=True)
@@ -168,6 +191,8 @@ def file_rows(rel: str) -> str:
     path = OUT / rel
     if rel.endswith(".txt"):
         count = f"{len(path.read_text(encoding='utf-8')):,} chars"
+    elif rel.endswith(".htm"):
+        count = "license"
     elif rel.endswith(".csv"):
         with open(path, encoding="utf-8", newline="") as f:
             count = f"{sum(1 for _ in csv.reader(f)) - 1:,} rows"
@@ -260,6 +285,21 @@ Total: {total:,} bytes ({total_mb:.2f} MiB).
 
 {files_rte}
 
+## MRPC (paraphrase)
+
+| | |
+|---|---|
+| source | Nstats/my_bert @ `733d79335044b1b7eabb5b47a0eae0cd621dadc0`, `data/MRPC/` (GLUE's MRPC as written by GLUE's `download_glue_data.py`) |
+| license / terms | Microsoft Research Shared Source License Agreement (MSR-SSLA), copied here as `Microsoft Shared Source License.htm`: copying and distribution for non-commercial purposes (teaching and academic research included); no commercial use; the license travels with the data (Dolan & Brockett 2005) |
+| change notice | the MSR-SSLA asks derivative works to say what changed: `train.tsv` is a selection of whole rows of GLUE's `train.tsv` (header kept, rows unchanged, original order); `dev.tsv` is unchanged |
+| cite | `dolan2005automatically` |
+| splits | GLUE train ({mrpc[pool]:,} pairs) and dev ({mrpc[dev]} pairs, labelled; our evaluation set) |
+| `train.tsv` | {n_mrpc:,} pairs sampled uniformly without replacement (seed {seed}; {mrpc[paraphrase]} of them paraphrases), after dropping {mrpc[malformed]} malformed rows and {mrpc[in_dev]} pairs that are also in dev |
+| `dev.tsv` | whole, byte for byte |
+| format | tab-separated with a UTF-8 BOM before the header `Quality`, `#1 ID`, `#2 ID`, `#1 String`, `#2 String` (Quality 1 = paraphrase); read with `quoting=csv.QUOTE_NONE` |
+
+{files_mrpc}
+
 ## Tiny Shakespeare (held-out general text)
 
 | | |
@@ -278,6 +318,7 @@ Total: {total:,} bytes ({total_mb:.2f} MiB).
 - E2E: CC BY-SA 4.0 (Novikova et al. 2017).
 - GSM8K: MIT (Cobbe et al. 2021).
 - RTE: PASCAL RTE via SuperGLUE; no license stated, research use only, terms unclear.
+- MRPC: Microsoft Research Shared Source License (non-commercial; included as `mrpc/Microsoft Shared Source License.htm`).
 - Tiny Shakespeare: Shakespeare's text is public domain.
 """
 
@@ -288,13 +329,14 @@ def files_table(rels: list[str]) -> str:
 
 def main(raw: Path) -> None:
     notes: dict = {}
-    for make in (make_sst2, make_agnews, make_e2e, make_gsm8k, make_rte, make_tinyshakespeare):
+    for make in (make_sst2, make_agnews, make_e2e, make_gsm8k, make_rte, make_mrpc, make_tinyshakespeare):
         make(raw, notes)
     groups = {"files_sst2": ["sst2/train.tsv", "sst2/validation.tsv"],
               "files_agnews": ["agnews/train.tsv", "agnews/test.tsv"],
               "files_e2e": ["e2e/devset.csv", "e2e/testset_w_refs.csv"],
               "files_gsm8k": ["gsm8k/train.jsonl", "gsm8k/test.jsonl"],
               "files_rte": ["rte/train.jsonl", "rte/val.jsonl"],
+              "files_mrpc": ["mrpc/train.tsv", "mrpc/dev.tsv", f"mrpc/{MRPC_LICENSE}"],
               "files_shakespeare": ["tinyshakespeare/input.txt"]}
     total = sum((OUT / r).stat().st_size for rels in groups.values() for r in rels)
     text = README.format(
@@ -302,7 +344,7 @@ def main(raw: Path) -> None:
         dev=notes["devset.csv"], test=notes["testset_w_refs.csv"], gsm=notes["gsm8k"],
         shakes=notes["tinyshakespeare"], n_sst2=N_SST2_TRAIN, n_ag_train=N_AGNEWS_TRAIN,
         n_ag_train_per=N_AGNEWS_TRAIN // 4, n_ag_test=N_AGNEWS_TEST, n_ag_test_per=N_AGNEWS_TEST // 4,
-        n_gsm=N_GSM8K_TRAIN, rte=notes["rte"], n_rte=N_RTE_TRAIN, n_chars=N_SHAKESPEARE_CHARS,
+        n_gsm=N_GSM8K_TRAIN, rte=notes["rte"], n_rte=N_RTE_TRAIN, mrpc=notes["mrpc"], n_mrpc=N_MRPC_TRAIN, n_chars=N_SHAKESPEARE_CHARS,
         labels=", ".join(f"`{name}` ({i})" for i, name in enumerate(AGNEWS_LABELS)),
         **{k: files_table(v) for k, v in groups.items()})
     (OUT / "README.md").write_text(text, encoding="utf-8")

@@ -292,7 +292,7 @@ def render_method_map(nb_dir: str | Path | None = None) -> str:
     lines = [MAP_START, "", "| family | method | kind | file | paper | notebooks |", "|---|---|---|---|---|---|"]
     for m in registry.methods():
         notebooks = ", ".join(f"[{Path(n).stem}](notebooks/{n})" for n in citing.get(m.paper, [])) or "not yet"
-        parent = f" (extends `{m.parent}`)" if m.parent else ""
+        parent = f" (extends {', '.join(f'`{p}`' for p in m.parents)})" if m.parents else ""
         lines.append(f"| {m.family} | `{m.name}`{parent} | {m.kind} | [{m.file}]({m.file}) | "
                      f"[{cite(m.paper)}]({link(m.paper)}) | {notebooks} |")
     return "\n".join(lines + ["", MAP_END])

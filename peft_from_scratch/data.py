@@ -188,6 +188,20 @@ def load_rte(split: str = "train", n: int | None = None, seed: int = 0) -> Datas
     return _finish(columns, n, seed)
 
 
+def load_mrpc(split: str = "train", n: int | None = None, seed: int = 0) -> Dataset:
+    """MRPC paraphrase pairs: ``sentence1``, ``sentence2``, ``label`` (1 = paraphrase). validation = GLUE
+    dev (408 pairs). Microsoft Research Shared Source License: non-commercial (data/README.md)."""
+    path = _path("mrpc", split, {"train": "train.tsv", "validation": "dev.tsv"})
+    columns: dict[str, list] = {"sentence1": [], "sentence2": [], "label": []}
+    for number, (quality, _, _, a, b) in _tsv(path, ["\ufeffQuality", "#1 ID", "#2 ID", "#1 String", "#2 String"]):
+        if quality not in ("0", "1") or not a.strip() or not b.strip():
+            raise DataFormatError(path, number, "expected Quality 0 or 1 and two non-empty sentences")
+        columns["sentence1"].append(a.strip())
+        columns["sentence2"].append(b.strip())
+        columns["label"].append(int(quality))
+    return _finish(columns, n, seed)
+
+
 def load_text(name: str = "tinyshakespeare") -> str:
     """A plain text for perplexity: "tinyshakespeare" (its first 200,000 characters)."""
     return _path(name, name, {"tinyshakespeare": "input.txt"}).read_text(encoding="utf-8")
@@ -313,6 +327,34 @@ class Collator:
             else:
                 out[key] = torch.nn.utils.rnn.pad_sequence(values, batch_first=True, padding_value=self.pad.get(key, 0))
         return out
+
+
+class MultiTaskBatches:
+    """Endless batches from several tasks, one task per batch, each batch carrying ``task`` (its name):
+    HyperFormer's sampler (rabeehk/hyperformer ``data/multitask_sampler.py``). Task i is drawn with
+    probability p_i proportional to (n_i / N)^(1/T), T the temperature (the official 10: near uniform;
+    T = 1: proportional to size), and its examples with replacement. Deterministic under ``seed``."""
+
+    def __init__(self, datasets: dict, batch_size: int, temperature: float = 10.0, seed: int = 0, *,
+                 pad_token_id: int):
+        if not datasets or any(len(ds) == 0 for ds in datasets.values()):
+            raise ValueError("MultiTaskBatches needs at least one task, and examples in every task")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature!r}")
+        self.datasets, self.batch_size, self.seed = datasets, batch_size, seed
+        sizes = torch.tensor([len(ds) for ds in datasets.values()], dtype=torch.float64)
+        self.probabilities = (sizes / sizes.sum()) ** (1 / temperature)
+        self.probabilities /= self.probabilities.sum()
+        self.collate = Collator(pad_token_id)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        names = list(self.datasets)
+        while True:
+            task = names[torch.multinomial(self.probabilities, 1, generator=g).item()]
+            ds = self.datasets[task]
+            rows = torch.randint(len(ds), (self.batch_size,), generator=g).tolist()
+            yield {**self.collate([ds[i] for i in rows]), "task": task}
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool = False, seed: int = 0, *, pad_token_id: int) -> DataLoader:

@@ -68,6 +68,22 @@ def mean_difference(a: Sequence[float], b: Sequence[float], resamples: int = 200
     return bootstrap(lambda idx: sum(a[i] - b[i] for i in idx) / len(idx), len(a), resamples, seed, what)
 
 
+def mean_difference_over_tasks(a: dict[str, Sequence[float]], b: dict[str, Sequence[float]], resamples: int = 2000,
+                               seed: int = 0) -> Interval:
+    """The mean over tasks of mean(a[task]) - mean(b[task]): per-example scores of two methods on each
+    task's examples, every task resampled within itself (a stratified, paired bootstrap), so each task
+    keeps its weight 1 / tasks whatever its size."""
+    if set(a) != set(b) or any(len(a[t]) != len(b[t]) or len(a[t]) < 2 for t in a):
+        raise ValueError("paired scores need the same tasks and, per task, the same examples (at least 2)")
+    rng = random.Random(seed)
+    gap = lambda pick: sum(sum(a[t][i] - b[t][i] for i in pick(t)) / len(a[t]) for t in a) / len(a)  # noqa: E731
+    full = gap(lambda t: range(len(a[t])))
+    values = sorted(gap(lambda t: [rng.randrange(len(a[t])) for _ in a[t]]) for _ in range(resamples))
+    low, high = values[int(0.025 * resamples)], values[min(resamples - 1, int(0.975 * resamples))]
+    sizes = ", ".join(f"{t} {len(v)}" for t, v in a.items())
+    return Interval(full, low, high, f"paired bootstrap within each task ({sizes} examples; {resamples} resamples)")
+
+
 def mean_of(a: Sequence[float], resamples: int = 2000, seed: int = 0, what: str = "examples") -> Interval:
     """mean(a), bootstrapped over its examples."""
     return bootstrap(lambda idx: sum(a[i] for i in idx) / len(idx), len(a), resamples, seed, what)

@@ -8,14 +8,16 @@ hub/tokenizers pins; torch, numpy and safetensors come from the project's venv. 
 standalone: it imports nothing from peft_from_scratch (whose modules need transformers 5), and it
 lives outside the package, so no module of ours can shadow AdapterHub's ``adapters``. Every CASE_DIR holds what ``prepare_case`` wrote:
 
-    case.json            {"base": folder with config.json + model.safetensors, "config_class":
-                          "DoubleSeqBnConfig" | "SeqBnConfig" | "ParBnConfig" | "CompacterConfig" |
-                          "CompacterPlusPlusConfig", "config": {...},
+    case.json            {"base": folder with config.json + model.safetensors, "arch": "bert" | "llama",
+                          "config_class": "DoubleSeqBnConfig" | "SeqBnConfig" | "ParBnConfig" |
+                          "CompacterConfig" | "CompacterPlusPlusConfig" | "PrefixTuningConfig" |
+                          "MAMConfig", "config": {...},
                           "steps": k, "lr": lr}
     adapter.safetensors  our trained tensors, already under AdapterHub's parameter names
     batches.safetensors  <input name>.<i>: input_ids.0, attention_mask.0, labels.0, input_ids.1, ...
 
-For each case it builds the BERT classifier from the same config and weights, adds the adapter
+For each case it builds the BERT classifier (or, with "arch": "llama", the Llama causal LM) from the
+same config and weights, adds the adapter
 "a", makes the same tensors trainable as ours (train_adapter plus the LayerNorms, which Houlsby
 trains and train_adapter leaves frozen), copies our values in, and runs k AdamW steps in eval mode
 (dropout off). It writes result.safetensors (logits.<step>, grad.<name> at the first step,
@@ -37,7 +39,7 @@ from safetensors.torch import load_file, save_file
 
 import adapters
 import transformers
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 
 def check_requirements() -> None:
@@ -66,13 +68,26 @@ def build(case_dir: Path):
     base = Path(case["base"])
 
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig.from_json_file(base / "config.json"))
+    if case.get("arch", "bert") == "llama":
+        config = LlamaConfig.from_json_file(base / "config.json")
+        rope = json.loads((base / "config.json").read_text()).get("rope_parameters") or {}
+        if "rope_theta" in rope:      # transformers 5 writes rope_parameters; 4.57 reads rope_theta
+            config.rope_theta = rope["rope_theta"]
+        config._attn_implementation = case.get("attn_implementation") or "eager"
+        model = LlamaForCausalLM(config)
+    else:
+        model = BertForSequenceClassification(BertConfig.from_json_file(base / "config.json"))
     missing, unexpected = model.load_state_dict(load_file(base / "model.safetensors"), strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]   # a buffer either version may omit
     assert not missing and not unexpected, f"base weights do not fit: missing {missing}, unexpected {unexpected}"
 
     adapters.init(model)
-    model.add_adapter("a", config=getattr(adapters, case["config_class"])(**case["config"]))
+    if case["config_class"] == "MAMConfig":   # a union: its two parts are configs themselves
+        config = adapters.MAMConfig(prefix_tuning=adapters.PrefixTuningConfig(**case["config"]["prefix_tuning"]),
+                                    adapter=adapters.ParBnConfig(**case["config"]["adapter"]))
+    else:
+        config = getattr(adapters, case["config_class"])(**case["config"])
+    model.add_adapter("a", config=config)
     model.train_adapter("a")          # freezes the BERT body, leaves the classifier head trainable
     for name, p in model.named_parameters():
         if "LayerNorm" in name:       # Houlsby trains the layer norms; train_adapter does not

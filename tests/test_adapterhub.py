@@ -31,7 +31,9 @@ from peft_from_scratch import core
 from peft_from_scratch.interop import adapterhub
 from peft_from_scratch.additive.compacter import CompacterConfig
 from peft_from_scratch.additive.houlsby import HoulsbyConfig
-from peft_from_scratch.models import MINILM, tiny_bert
+from peft_from_scratch.additive.prefix_tuning import PrefixTuningConfig
+from peft_from_scratch.additive.unified_view import MAMConfig, ParallelAdapterConfig
+from peft_from_scratch.models import MINILM, tiny_bert, tiny_llama
 from tests.helpers import ATOL, RTOL, one_thread, real_model, tokens  # noqa: F401  (one_thread: autouse)
 
 STEPS, LR = 5, 1e-3
@@ -71,6 +73,12 @@ CASES = {
     "tiny-compacter": ("tiny", CompacterConfig(reduction_factor=4, phm_dim=2), None),
     "tiny-compacterpp-rank2": ("tiny", CompacterConfig(reduction_factor=2, phm_dim=4, rank=2, placement="pfeiffer",
                                                        non_linearity="gelu_new"), None),
+    # the unified view's scaled parallel adapter: ParBnConfig() is s = 4, the LoRA ("mam_adapter") init, ReLU
+    "tiny-scaled-pa": ("tiny", ParallelAdapterConfig(m=8, train_layer_norms=True), None),
+    "tiny-pa-learned-attn": ("tiny", ParallelAdapterConfig(m=16, scaling="learned", position="attn", init="houlsby",
+                                                           train_layer_norms=True), None),
+    "minilm-scaled-pa-default": ("minilm", ParallelAdapterConfig(m=192, train_layer_norms=True),
+                                 ("ParBnConfig", {})),       # AdapterHub's defaults: m = d / 2, s = 4
     "minilm-compacter": ("minilm", CompacterConfig(), None),                     # the paper's: m = d/32, n = 4, r = 1
     "minilm-compacterpp": ("minilm", CompacterConfig(placement="pfeiffer"), None),
     # the defaults we do not compute, for test_adapterhub_defaults_are_different_functions
@@ -80,15 +88,42 @@ CASES = {
                                  ("CompacterPlusPlusConfig", {"reduction_factor": 4, "phm_dim": 2,
                                                               "non_linearity": "gelu"})),
 }
-SLOW = {"minilm-houlsby-gelu", "minilm-pfeiffer-gelu", "minilm-compacter", "minilm-compacterpp"}
+# Llama (tiny): the unified view's prefix, parallel adapter and MAM. AdapterHub's prefix equals ours with
+# positions="from_zero" under eager attention; the rest are its departures (test_llama_departures).
+LLAMA_CASES = {
+    "llama-prefix-from-zero": PrefixTuningConfig(num_virtual_tokens=3, positions="from_zero"),
+    "llama-prefix-peft-positions": PrefixTuningConfig(num_virtual_tokens=3),
+    "llama-prefix-sdpa": PrefixTuningConfig(num_virtual_tokens=3, positions="from_zero"),
+    "llama-pa-attn": ParallelAdapterConfig(m=8, position="attn", scaling="learned"),
+    "llama-mam": MAMConfig(num_virtual_tokens=3, prefix_projection=False, encoder_hidden_size=None, m=8,
+                           positions="from_zero"),
+}
+CASES.update({case: ("llama", config, None) for case, config in LLAMA_CASES.items()})
+ATTENTION = {"llama-prefix-sdpa": "sdpa"}    # the worker's Llama attention; eager for the others
+SLOW = {"minilm-houlsby-gelu", "minilm-pfeiffer-gelu", "minilm-compacter", "minilm-compacterpp", "minilm-scaled-pa-default"}
 DEFAULTS = ("tiny-seqbn-default", "tiny-compacterpp-default")
+DEPARTURES = ("llama-prefix-peft-positions", "llama-prefix-sdpa", "llama-pa-attn", "llama-mam")
 
 
-def adapted(kind: str, config: HoulsbyConfig | CompacterConfig):
-    base = tiny_bert(seed=0) if kind == "tiny" else real_model(MINILM)
-    model = core.add_adapter(base, dataclasses.replace(config, modules_to_save=["classifier"]))
+def adapted(kind: str, config):
+    if kind == "llama":
+        model = core.add_adapter(tiny_llama(seed=0), config)
+    else:
+        base = tiny_bert(seed=0) if kind == "tiny" else real_model(MINILM)
+        model = core.add_adapter(base, dataclasses.replace(config, modules_to_save=["classifier"]))
     adapterhub.perturb(model)
     return model
+
+
+def lm_batches(n=2, shape=(2, 12)) -> list[dict]:
+    """Causal-LM batches: the labels are the tokens; the second batch has padding."""
+    out = []
+    for i in range(n):
+        mask = torch.ones(shape, dtype=torch.long)
+        mask[-1, shape[1] - 3 * i:] = 0
+        x = tokens(i, 128, shape)
+        out.append({"input_ids": x, "attention_mask": mask, "labels": x.masked_fill(mask == 0, -100)})
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -103,19 +138,24 @@ def reports(request, tmp_path_factory) -> dict[str, adapterhub.AdapterHubReport]
     for case in sorted(selected):
         kind, config, override = CASES[case]
         model = adapted(kind, config)
-        cases[case] = adapterhub.prepare_case(model, make_batches(model.config.vocab_size), tmp / case,
-                                              steps=STEPS, lr=LR, adapterhub=override)
+        batches = lm_batches() if kind == "llama" else make_batches(model.config.vocab_size)
+        cases[case] = adapterhub.prepare_case(model, batches, tmp / case, steps=STEPS, lr=LR, adapterhub=override,
+                                              attn_implementation=ATTENTION.get(case, "eager"))
+        cases[case].model, cases[case].batches = model, batches           # for test_llama_departures
     try:
         adapterhub.run_worker([c.folder for c in cases.values()])
     except adapterhub.AdapterHubError as e:
         pytest.fail(str(e), pytrace=False)
     # Case.report raises if the two sides train different tensors (ours: adapters, every LayerNorm,
     # the classifier; AdapterHub's: train_adapter plus the LayerNorms)
-    return {case: c.report(RTOL, ATOL) for case, c in cases.items()}
+    reports = {case: c.report(RTOL, ATOL) for case, c in cases.items()}
+    for case, c in cases.items():
+        reports[case].case = c
+    return reports
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] if c in SLOW else [])
-                                  for c in CASES if c not in DEFAULTS])
+                                  for c in CASES if c not in DEFAULTS + DEPARTURES])
 def test_same_as_adapterhub(reports, case):
     r = reports[case]
     assert r.versions["transformers"] == "4.57.6" and r.versions["adapters"] == "1.3.0"
@@ -132,6 +172,23 @@ def test_adapterhub_defaults_are_different_functions(reports, case):
     r = reports[case]
     print(f"\n{case}: max |ours - AdapterHub's| / max |AdapterHub's| over the steps = {r.diffs['logits'].rel:.2f}")
     assert r.diffs["logits"].rel > 0.05 and not r.passed
+
+
+@pytest.mark.parametrize("case", DEPARTURES)
+def test_llama_departures(reports, case):
+    """Where AdapterHub's Llama code computes another function than the paper's (and ours):
+    its prefix keeps the tokens at positions 0..T-1 (peft's and ours by default put them after the prefix);
+    under sdpa attention (transformers 4.57's default) its prefix attention is not Eq. 7's; and its parallel
+    adapter reads the residual before the RMSNorm. The last two are pinned down exactly: AdapterHub's logits
+    equal our weights run with the adapters reading the residual."""
+    r = reports[case]
+    print(f"\n{case}: max |ours - AdapterHub's| / max |AdapterHub's| over the steps = {r.diffs['logits'].rel:.2f}")
+    assert r.diffs["logits"].rel > 0.05 and not r.passed
+    if case in ("llama-pa-attn", "llama-mam"):
+        theirs = r.case.theirs()["logits.0"]
+        with torch.no_grad(), adapterhub.reading_the_residual(r.case.model.eval()) as model:
+            ours_rewired = model(**r.case.batches[0]).logits
+        torch.testing.assert_close(ours_rewired, theirs, rtol=RTOL, atol=ATOL * theirs.abs().max().item())
 
 
 def test_compare_in_one_call():

@@ -42,6 +42,8 @@ def minilm():
     (data.load_gsm8k, "test", 1319, {"question": "string", "answer": "string", "final": "string"}),
     (data.load_rte, "train", 600, {"premise": "string", "hypothesis": "string", "label": "int64"}),
     (data.load_rte, "validation", 277, {"premise": "string", "hypothesis": "string", "label": "int64"}),
+    (data.load_mrpc, "train", 600, {"sentence1": "string", "sentence2": "string", "label": "int64"}),
+    (data.load_mrpc, "validation", 408, {"sentence1": "string", "sentence2": "string", "label": "int64"}),
 ])
 def test_loaders_return_the_documented_columns_and_sizes(load, split, rows, columns):
     ds = load(split)
@@ -60,6 +62,8 @@ def test_label_values_and_balance():
     assert data.AGNEWS_LABELS == ["World", "Sports", "Business", "Sci/Tech"]
     rte = data.load_rte("validation")["label"]
     assert (rte.count(0), rte.count(1)) == (146, 131)            # SuperGLUE val: 146 entailment, 131 not
+    mrpc = data.load_mrpc("validation")["label"]
+    assert (mrpc.count(1), mrpc.count(0)) == (279, 129)           # GLUE dev: 279 paraphrases, 129 not
 
 
 def test_e2e_test_groups_every_reference_under_its_mr():
@@ -83,8 +87,8 @@ def test_text_is_the_documented_prefix():
 
 def test_files_match_the_sha256_in_the_readme():
     readme = (data.DATA_DIR / "README.md").read_text()
-    sums = re.findall(r"\| `([\w/.]+)` \|[^|]+\|[^|]+\| `([0-9a-f]{64})` \|", readme)
-    assert len(sums) == 11
+    sums = re.findall(r"\| `([\w/. ]+)` \|[^|]+\|[^|]+\| `([0-9a-f]{64})` \|", readme)
+    assert len(sums) == 14                                       # MRPC: train, dev and its license
     for rel, digest in sums:
         assert hashlib.sha256((data.DATA_DIR / rel).read_bytes()).hexdigest() == digest, rel
 
@@ -125,6 +129,10 @@ BAD_FILES = [  # (file, content, loader, split, bad line, message)
      '"label": "contradiction"}\n', data.load_rte, "validation", 2, "label must be one of ['entailment', 'not_entailment']"),
     ("rte/train.jsonl", '{"premise": "", "hypothesis": "B.", "label": "entailment"}\n', data.load_rte, "train", 1,
      "non-empty string fields 'premise' and 'hypothesis'"),
+    ("mrpc/dev.tsv", "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n2\t1\t2\tA.\tB.\n", data.load_mrpc,
+     "validation", 2, "expected Quality 0 or 1"),
+    ("mrpc/train.tsv", "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n", data.load_mrpc, "train", 1,
+     "expected the header"),
 ]
 
 

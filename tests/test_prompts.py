@@ -352,3 +352,24 @@ def test_errors():
         model(input_ids=tokens())
     with pytest.raises(NotImplementedError, match="model type 'bert' is not supported"):
         core.add_adapter(tiny_bert(), PrefixTuningConfig(num_virtual_tokens=2))
+
+
+def test_prefix_positions_from_zero_is_adapterhubs_convention():
+    """positions="from_zero" keeps the real tokens at 0..T-1 (AdapterHub's); the default puts them after the
+    prefix, at n..n+T-1 (peft's). The first equals the default called with position_ids shifted back by n;
+    the two differ (the prefix keys are not rotated); and generation continues the positions."""
+    ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    after = core.add_adapter(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=3))
+    zero = core.add_adapter(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=3, positions="from_zero"))
+    zero.prompt_encoder.load_state_dict(after.prompt_encoder.state_dict())
+    with torch.no_grad():
+        z = zero(input_ids=ids).logits
+        shifted = after(input_ids=ids, position_ids=torch.arange(-3, 6).expand(2, -1)).logits
+        torch.testing.assert_close(z, shifted, rtol=1e-5, atol=1e-5)
+        assert (z - after(input_ids=ids).logits).abs().max() > 1e-3
+        out = zero.generate(input_ids=ids[:, :6], max_new_tokens=3, do_sample=False, output_logits=True,
+                            return_dict_in_generate=True)
+        full = zero(input_ids=out.sequences[:, :-1]).logits[:, 5:]
+        torch.testing.assert_close(torch.stack(out.logits, 1), full, rtol=1e-4, atol=1e-4)
+    with pytest.raises(NotImplementedError, match="positions='after_prefix'"):
+        pio.peft_config(zero.adapter_config, zero)

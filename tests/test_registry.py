@@ -14,6 +14,7 @@ from peft_from_scratch.models import tiny_bert, tiny_llama
 
 V1 = Path(__file__).parent / "fixtures" / "adapters_v1"
 NAMES = {"lora", "dora", "rosa", "houlsby", "compacter", "ia3", "llama_adapter", "prompt_tuning", "p_tuning", "prefix_tuning",
+         "parallel_adapter", "mam", "hyperformer",
          "nf4", "qlora", "paged_adamw", "masked_gradient",
          "lomo", "adalomo", "galore", "flora", "flora_accumulation", "mezo"}
 
@@ -28,7 +29,8 @@ def test_registry_lists_every_method_with_family_kind_and_paper():
         assert Path(pfs.__file__).parent.parent.joinpath(m.file).exists(), m.file
     assert listed["dora"].parent == "lora" and listed["qlora"].parent == "lora"
     assert [m.name for m in pfs.methods(kind="adapter", family="additive")] == \
-        ["compacter", "houlsby", "ia3", "llama_adapter", "p_tuning", "prefix_tuning", "prompt_tuning"]
+        ["compacter", "houlsby", "hyperformer", "ia3", "llama_adapter", "mam", "p_tuning", "parallel_adapter", "prefix_tuning",
+             "prompt_tuning"]
 
 
 def test_saved_adapters_name_the_registered_method(tmp_path):

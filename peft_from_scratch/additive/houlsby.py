@@ -63,10 +63,12 @@ from .bottleneck import Bottleneck, check_non_linearity, float_dtype
 PLACEMENT_TARGETS = {
     "bert": {"houlsby": r".*layer\.\d+\.(attention\.output\.dense|output\.dense)",
              "pfeiffer": r".*layer\.\d+\.output\.dense",
-             "parallel": r".*layer\.\d+\.output"},
+             "parallel": r".*layer\.\d+\.output",
+             "parallel_attn": r".*layer\.\d+\.attention\.output"},
     "llama": {"houlsby": r".*layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)",
               "pfeiffer": r".*layers\.\d+\.mlp\.down_proj",
-              "parallel": r".*layers\.\d+\.mlp"},
+              "parallel": r".*layers\.\d+\.mlp",
+              "parallel_attn": r".*layers\.\d+\.self_attn"},
 }
 LAYER_NORMS = r".*[Nn]orm\.(weight|bias)"   # BERT's LayerNorm, Llama's *_layernorm and final norm
 
@@ -81,7 +83,6 @@ def placement_targets(model: nn.Module, placement: str, target_modules=None):
         raise ValueError(f"no default adapter placement for model type {model_type!r} (known: BERT and "
                          f"Llama families); pass target_modules naming the output layers to wrap")
     return PLACEMENT_TARGETS[family][placement]
-
 
 
 class HoulsbyAdapterLinear(AdapterLayer):
@@ -102,27 +103,37 @@ class HoulsbyAdapterLinear(AdapterLayer):
 
 
 class ParallelAdapter(AdapterLayer):
-    """FFN'(x) = FFN(x) + Bottleneck(x): the adapter reads the feed-forward block's input (He et al. 2022).
+    """h' = h + s * Bottleneck(x): the adapter reads the sub-layer's *input* x (He et al. 2022).
 
-    Wraps Llama's ``mlp`` (forward(x)) or BERT's ``BertOutput`` (forward(hidden_states, input_tensor),
-    which computes LayerNorm(dropout(dense(hidden_states)) + input_tensor); the FFN's input is
-    ``input_tensor``, so the adapter's output joins before the residual add and the LayerNorm).
+    Wraps a whole sub-layer: Llama's ``mlp`` (forward(x)) or ``self_attn`` (forward(hidden_states, ...)
+    returning (output, weights)), or BERT's ``BertOutput`` / ``BertSelfOutput`` (forward(hidden_states,
+    input_tensor), which computes LayerNorm(dropout(dense(hidden_states)) + input_tensor); the sub-layer's
+    input is ``input_tensor``, so the adapter's output joins before the residual add and the LayerNorm).
+    ``scaling``: the fixed s of the scaled parallel adapter, or a ``torch.nn.Parameter`` (a learned s).
     """
 
     def __init__(self, base_layer: nn.Module, d: int, m: int, non_linearity: str = "gelu",
-                 init_std: float = 1e-2, name: str = ""):
+                 init_std: float = 1e-2, name: str = "", scaling: float | nn.Parameter = 1.0):
         super().__init__(base_layer)
         weight = next(base_layer.parameters())
         self.adapter = Bottleneck(d, m, non_linearity, init_std, float_dtype(base_layer), weight.device, name)
+        self.scaling = scaling
         self.bert_output = hasattr(base_layer, "LayerNorm") and hasattr(base_layer, "dense")
         self.train(base_layer.training)
 
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor | None = None) -> torch.Tensor:
-        if self.bert_output:   # BertOutput: LN(dropout(W_2 a) + Bottleneck(x) + x), x = the FFN input
+    def delta(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (self.adapter(x.to(self.adapter.dtype)) * self.scaling).to(dtype)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if self.bert_output:   # LN(dropout(W a) + s Bottleneck(x) + x), x = the sub-layer's input
+            x = args[0] if args else kwargs["input_tensor"]
             b = self.base_layer
-            ffn = b.dropout(b.dense(hidden_states))
-            return b.LayerNorm(ffn + self.adapter(input_tensor).to(ffn.dtype) + input_tensor)
-        return self.base_layer(hidden_states) + self.adapter(hidden_states).to(hidden_states.dtype)
+            out = b.dropout(b.dense(hidden_states))
+            return b.LayerNorm(out + self.delta(x, out.dtype) + x)
+        out = self.base_layer(hidden_states, *args, **kwargs)
+        if isinstance(out, tuple):   # Llama attention: (output, attention weights)
+            return (out[0] + self.delta(hidden_states, out[0].dtype), *out[1:])
+        return out + self.delta(hidden_states, out.dtype)
 
 
 @register("houlsby", family="additive", paper="houlsby2019parameterefficient")

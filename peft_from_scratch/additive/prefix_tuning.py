@@ -11,6 +11,13 @@ peft's projection, Embedding(n, w) -> Linear(w, h) -> tanh -> Linear(h, 2Lw), is
 with h defaulting to w (the paper: 512 for GPT-2, 800 for BART). With grouped query attention (Llama)
 the prefix is as wide as the keys, w = n_kv_heads x head_dim, not d, and so is the projection's
 embedding. The paper's ``prefix_dropout`` is not in peft (nor here).
+
+**Where the real tokens sit.** The prefix keys are never rotated (RoPE acts on the tokens' keys
+only), so the positions of the real tokens matter: through the KV cache they come *after* the
+prefix, at n, ..., n + T - 1 (peft's, and ours by default, ``positions="after_prefix"``). AdapterHub
+concatenates its prefix to the already rotated keys inside attention and leaves the tokens at 0, ...,
+T - 1 (``positions="from_zero"``). Attention among the real tokens depends only on their distances,
+the same either way; a query against the prefix keys does not: two different functions on Llama.
 """
 from __future__ import annotations
 
@@ -36,8 +43,9 @@ class PrefixEncoder(SoftPrompt):
     """
 
     def __init__(self, n: int, num_layers: int, kv_heads: int, head_dim: int, projection: bool = False,
-                 hidden: int | None = None, max_positions: int | None = None):
+                 hidden: int | None = None, max_positions: int | None = None, positions: str = "after_prefix"):
         super().__init__(n, max_positions)
+        self.positions = positions
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         width = kv_heads * head_dim
         self.projection = projection
@@ -69,8 +77,13 @@ class PrefixEncoder(SoftPrompt):
         return cache
 
     def rewrite(self, model, kwargs, batch, prefill) -> None:
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] + self.num_virtual_tokens
+        n = self.num_virtual_tokens
+        if self.positions == "from_zero" and kwargs.get("position_ids") is None:   # the tokens keep 0, 1, ...
+            ids = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+            past = 0 if prefill else kwargs["past_key_values"].get_seq_length() - n
+            kwargs["position_ids"] = torch.arange(past, past + ids.shape[1], device=ids.device).expand(batch, -1)
+        elif self.positions == "after_prefix" and kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + n
         if prefill:
             dtype = model.get_input_embeddings().weight.dtype          # the base model's
             kwargs["past_key_values"] = self.prefix_cache(batch, kwargs.get("past_key_values"), dtype)
@@ -96,17 +109,22 @@ class PrefixTuningConfig(AdapterConfig):
         prefix_projection: train through the reparameterisation MLP (paper eq. 5); ``fold_prefix``
             removes it afterwards.
         encoder_hidden_size: the MLP's hidden width; None means the key width (peft's default).
+        positions: "after_prefix" (the real tokens at n, n + 1, ...: peft's) or "from_zero" (at 0, 1, ...:
+            AdapterHub's); see the module docstring.
     """
     target_modules: list[str] | str | None = None
     num_virtual_tokens: int = 20
     prefix_projection: bool = False
     encoder_hidden_size: int | None = None
+    positions: str = "after_prefix"
 
     identity_at_init: ClassVar = NOT_IDENTITY
     mergeable: ClassVar = NOT_MERGEABLE
 
     def __post_init__(self):
         check_n(self.num_virtual_tokens)
+        if self.positions not in ("after_prefix", "from_zero"):
+            raise ValueError(f"positions must be 'after_prefix' (peft's) or 'from_zero' (AdapterHub's), got {self.positions!r}")
 
     def inject(self, model: nn.Module) -> None:
         config = model.config
@@ -120,15 +138,16 @@ class PrefixTuningConfig(AdapterConfig):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         device = model.get_input_embeddings().weight.device
         PrefixEncoder(self.num_virtual_tokens, config.num_hidden_layers, kv_heads, head_dim, self.prefix_projection,
-                      self.encoder_hidden_size, limit).to(device).attach(model)
+                      self.encoder_hidden_size, limit, self.positions).to(device).attach(model)
 
     @classmethod
     def examples(cls):
-        return [("llama", cls(num_virtual_tokens=4)), ("llama", cls(num_virtual_tokens=3, prefix_projection=True))]
+        return [("llama", cls(num_virtual_tokens=4)), ("llama", cls(num_virtual_tokens=3, prefix_projection=True)),
+                ("llama", cls(num_virtual_tokens=2, positions="from_zero"))]
 
     @classmethod
     def invalid_examples(cls):
-        return [{"num_virtual_tokens": 0}, {"num_virtual_tokens": 2.0}]
+        return [{"num_virtual_tokens": 0}, {"num_virtual_tokens": 2.0}, {"positions": "before"}]
 
 
 def fold_prefix(model: nn.Module) -> None:

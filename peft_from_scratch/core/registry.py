@@ -49,7 +49,12 @@ class Method:
     kind: str            # one of KINDS
     paper: str           # its BibTeX key in references/peft_from_scratch.bib
     obj: object          # the AdapterConfig subclass, or the class / function of other kinds
-    parent: str | None   # the method this one is a declared variant of ("dora" -> "lora")
+    parent: str | tuple[str, ...] | None   # the method(s) this one is a declared variant of ("dora" -> "lora"),
+                                           # or composes (MAM: a parallel adapter and a prefix)
+
+    @property
+    def parents(self) -> tuple[str, ...]:
+        return () if self.parent is None else (self.parent,) if isinstance(self.parent, str) else tuple(self.parent)
 
     @property
     def module(self) -> str:
@@ -65,7 +70,7 @@ class Method:
 _METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, family: str, paper: str, kind: str = "adapter", parent: str | None = None):
+def register(name: str, *, family: str, paper: str, kind: str = "adapter", parent: str | tuple[str, ...] | None = None):
     """Class or function decorator: register ``name``. An adapter config gets ``method = name``."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
@@ -73,8 +78,9 @@ def register(name: str, *, family: str, paper: str, kind: str = "adapter", paren
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if name in ALIASES:
         raise ValueError(f"{name!r} is an alias of {ALIASES[name]!r}, kept so that old adapters load")
-    if parent is not None and parent not in _METHODS:
-        raise ValueError(f"{name!r} declares parent {parent!r}, which is not registered (register the parent first)")
+    for p in () if parent is None else (parent,) if isinstance(parent, str) else parent:
+        if p not in _METHODS:
+            raise ValueError(f"{name!r} declares parent {p!r}, which is not registered (register the parent first)")
 
     def decorate(obj):
         if name in _METHODS and _METHODS[name].obj is not obj:

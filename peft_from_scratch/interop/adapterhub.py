@@ -60,9 +60,16 @@ apply dropout to what it returns). With dropout off the two are the same functio
 
 What AdapterHub trains: ``train_adapter`` (the adapters and the head) plus every LayerNorm, which
 Houlsby trains; so ours must be ``HoulsbyConfig(train_layer_norms=True, modules_to_save=["classifier"])``.
+
+**Llama** (the unified view, ``additive/unified_view.py``): the worker also builds a LlamaForCausalLM,
+in "eager" attention, for ``PrefixTuningConfig`` (flat prefixes only: AdapterHub's prefix MLP reads a
+d-wide embedding, ours a key-wide one), ``ParallelAdapterConfig`` and ``MAMConfig``. There AdapterHub
+trains the adapter alone. Its prefix equals ours with ``positions="from_zero"``; its parallel adapter
+reads the residual stream before the RMSNorm, which ``reading_the_residual`` reproduces on our weights.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -83,7 +90,9 @@ from torch import nn
 
 from ..additive.compacter import CompacterConfig, SharedRule
 from ..additive.houlsby import HoulsbyConfig
-from ..core import adapter_layers, model_adapters
+from ..additive.prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from ..additive.unified_view import MAMConfig, ParallelAdapterConfig
+from ..core import adapter_layers, model_adapters, remove_adapter
 from ..equivalence import Report
 from ..models import cache_dir
 
@@ -202,6 +211,16 @@ def to_adapterhub_key(key: str, name: str = "a") -> str:
     The layer norms and the classifier have the same names in both (once ".base_layer" is dropped).
     """
     key = key.replace(".base_layer", "")
+    if key == f"{PrefixEncoder.attr}.embedding.weight":          # a flat prefix (prefix_projection=False)
+        return f"model.layers.0.self_attn.prefix_tuning.pool.prefix_tunings.{name}.self_prefix.control_trans"
+    llama = re.fullmatch(r"(.*layers\.\d+)\.(mlp|self_attn)\.(adapter\.(down|up)\.(weight|bias)|scaling)", key)
+    if llama:                                                    # Llama's parallel adapters
+        layer, block, _, proj, kind = llama.groups()
+        where = f"{layer}.{'output' if block == 'mlp' else 'attention'}_adapters.adapters.{name}"
+        return f"{where}.scaling" if proj is None else \
+            f"{where}.{'adapter_down.0' if proj == 'down' else 'adapter_up'}.{kind}"
+    if key.endswith(".output.scaling"):                      # the parallel adapter's learned s
+        return f"{key[:-len('scaling')]}adapters.{name}.scaling"
     if key == f"{SharedRule.attr}.C":
         return f"bert.shared_parameters.{name}.phm_rule"
     m = re.fullmatch(r"(.*\.output)(?:\.dense)?\.adapter\.(down|up)\.(weight|bias|W_left|W_right|b)", key)
@@ -211,9 +230,19 @@ def to_adapterhub_key(key: str, name: str = "a") -> str:
     return f"{module}.adapters.{name}.{'adapter_down.0' if proj == 'down' else 'adapter_up'}.{kind}"
 
 
-def adapterhub_config(config: HoulsbyConfig | CompacterConfig, d: int) -> tuple[str, dict]:
+def to_adapterhub_value(key: str, t: torch.Tensor) -> torch.Tensor:
+    """AdapterHub keeps a flat prefix as one vector; ours is (n, 2L x kv width), the same numbers row by row."""
+    return t.reshape(-1) if key.endswith("control_trans") else t
+
+
+def adapterhub_config(config, d: int) -> tuple[str, dict]:
     """The AdapterHub config class and arguments that compute what ``config`` computes (module docstring;
-    for Compacter, ``additive/compacter.py``'s)."""
+    for Compacter, ``additive/compacter.py``'s; for the unified view, ``additive/unified_view.py``'s)."""
+    if isinstance(config, PrefixTuningConfig):
+        return "PrefixTuningConfig", {"prefix_length": config.num_virtual_tokens, "flat": True}
+    if isinstance(config, MAMConfig):
+        prefix, parallel = config.parts()
+        return "MAMConfig", {"prefix_tuning": adapterhub_config(prefix, d)[1], "adapter": adapterhub_config(parallel, d)[1]}
     if isinstance(config, CompacterConfig):
         common = {"reduction_factor": config.reduction_factor, "non_linearity": config.non_linearity,
                   "phm_dim": config.phm_dim, "phm_rank": config.rank, "phm_init_range": config.phm_init_range}
@@ -223,6 +252,10 @@ def adapterhub_config(config: HoulsbyConfig | CompacterConfig, d: int) -> tuple[
         raise ValueError(f"AdapterHub's bottleneck is int(d // reduction_factor); pick m dividing d={d}, "
                          f"not m={config.m}")
     common = {"reduction_factor": d / config.m, "non_linearity": config.non_linearity, "init_weights": "houlsby"}
+    if isinstance(config, ParallelAdapterConfig):   # ParBnConfig() is the scaled PA (unified_view's docstring)
+        return "ParBnConfig", {**common, "init_weights": "mam_adapter" if config.init == "lora" else "houlsby",
+                               "scaling": config.scaling if config.scaling == "learned" else float(config.scaling),
+                               "mh_adapter": config.position == "attn", "output_adapter": config.position == "ffn"}
     return {"houlsby": ("DoubleSeqBnConfig", common),
             "pfeiffer": ("SeqBnConfig", {**common, "original_ln_before": False}),
             "parallel": ("ParBnConfig", {**common, "scaling": 1.0})}[config.placement]
@@ -254,17 +287,41 @@ def perturb(model: nn.Module, seed: int = 1) -> None:
 
 @torch.no_grad()
 def adapter_effect(model: nn.Module, batch: dict) -> float:
-    """max |logits - logits with every adapter's output zeroed| / max |the latter|: how much the
-    adapters change the function (near 1e-4 at the init)."""
-    ups = [p for n, p in model.named_parameters() if ".adapter.up." in n]
-    saved = [p.clone() for p in ups]
+    """max |logits - logits of the same model with the adapter removed| / max |the latter|: how much the
+    adapter changes the function (a bottleneck adapter near its init: ~1e-4)."""
     logits = model(**batch).logits
-    for p in ups:
-        p.zero_()
-    without = model(**batch).logits
-    for p, value in zip(ups, saved):
-        p.copy_(value)
+    without = remove_adapter(copy.deepcopy(model))(**batch).logits
     return ((logits - without).abs().max() / without.abs().max()).item()
+
+
+@contextlib.contextmanager
+def reading_the_residual(model):
+    """Our parallel adapters on a Llama ``model``, rewired (in place, until the block exits) to read what
+    AdapterHub's read: the residual stream *before* the block's RMSNorm (``input_layernorm`` /
+    ``post_attention_layernorm``), not the block's input as the paper's. Each block then returns
+    out - s PA(x) + s PA(r): the same weights, AdapterHub's input. A reference tool (forward hooks), for
+    showing that this one input is the whole difference from AdapterHub's ``ParBnConfig`` / ``MAMConfig``
+    on Llama; the library's adapter itself follows the paper."""
+    hooks = []
+    for layer in model.model.layers:
+        for block, norm in (("mlp", layer.post_attention_layernorm), ("self_attn", layer.input_layernorm)):
+            pa = getattr(layer, block)
+            if not hasattr(pa, "adapter"):
+                continue
+            seen = {}
+            hooks.append(norm.register_forward_pre_hook(lambda m, args, seen=seen: seen.update(r=args[0])))
+
+            def swap(m, args, kwargs, out, seen=seen):
+                x = args[0] if args else kwargs["hidden_states"]
+                h = out[0] if isinstance(out, tuple) else out
+                h = h - m.delta(x, h.dtype) + m.delta(seen["r"], h.dtype)
+                return (h, *out[1:]) if isinstance(out, tuple) else h
+            hooks.append(pa.register_forward_hook(swap, with_kwargs=True))
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 # ----------------------------------------------------------------------------- 3. one comparison
@@ -286,6 +343,10 @@ class Case:
     steps: int
     ours: dict[str, torch.Tensor]    # logits.<step>, grad.<name> at step 0, param.<name> at the end
     adapter_effect: float
+
+    def theirs(self) -> dict[str, torch.Tensor]:
+        """The worker's result: logits.<step>, grad.<name>, param.<name> under AdapterHub's names."""
+        return load_file(self.folder / "result.safetensors")
 
     def report(self, rtol: float = 1e-5, atol: float = 1e-6) -> AdapterHubReport:
         """Read the worker's result and compare it with ours."""
@@ -311,21 +372,39 @@ class Case:
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model without its adapter: wrapped layers' weights under their plain names, adapter
     branches left out. (Trained layer norms and head keep their current values; they are sent again
-    with the adapter anyway.)"""
+    with the adapter anyway.) Cloned, so tied weights (an embedding shared with the head) save."""
     branches = tuple(n + "." for n in [*adapter_layers(model), *model_adapters(model)])   # + Compacter's phm_rule
-    return {k.replace(".base_layer", ""): v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+    return {k.replace(".base_layer", ""): v.detach().cpu().clone() for k, v in model.state_dict().items()
             if not (k.startswith(branches) and ".base_layer." not in k)}
 
 
-def check_model(model: nn.Module, adapterhub: tuple[str, dict] | None) -> HoulsbyConfig | CompacterConfig:
+def architecture(model: nn.Module) -> str:
+    """"bert" (a BERT classifier) or "llama" (a Llama causal LM): the two the worker builds."""
+    name, model_type = type(model).__name__, getattr(model.config, "model_type", None)
+    if model_type == "bert" and name.endswith("ForSequenceClassification"):
+        return "bert"
+    if model_type == "llama" and name.endswith("ForCausalLM"):
+        return "llama"
+    raise ValueError(f"the AdapterHub worker builds a BertForSequenceClassification or a LlamaForCausalLM; "
+                     f"this is a {name} ({model_type})")
+
+
+def check_model(model: nn.Module, adapterhub: tuple[str, dict] | None):
     config = getattr(model, "adapter_config", None)
+    if architecture(model) == "llama":
+        if not isinstance(config, (PrefixTuningConfig, MAMConfig, ParallelAdapterConfig)):
+            raise ValueError("on Llama the comparison covers prefix tuning, the parallel adapter and MAM; this "
+                             f"model has {'no adapter' if config is None else config.method}")
+        if getattr(config, "prefix_projection", False):
+            raise ValueError("AdapterHub's prefix MLP reads a d-wide embedding, ours (peft's) a key-wide one, so "
+                             "their weights cannot be copied across: compare flat prefixes (prefix_projection=False)")
+        if getattr(config, "train_layer_norms", False) or config.modules_to_save:
+            raise ValueError("on Llama AdapterHub's train_adapter trains the adapter alone; use "
+                             "train_layer_norms=False and no modules_to_save")
+        return config
     if not isinstance(config, (HoulsbyConfig, CompacterConfig)):
         raise ValueError("compare needs a model with our bottleneck adapter: "
                          "core.add_adapter(model, HoulsbyConfig(...)) or CompacterConfig(...)")
-    bert_classifier = type(model).__name__.endswith("ForSequenceClassification")
-    if getattr(model.config, "model_type", None) != "bert" or not bert_classifier:
-        raise ValueError(f"the AdapterHub worker builds a BertForSequenceClassification; this is a "
-                         f"{type(model).__name__} ({getattr(model.config, 'model_type', None)})")
     if adapterhub is None and config.target_modules is not None:
         raise ValueError("with custom target_modules there is no AdapterHub config to compare with; "
                          "use the default placements or pass adapterhub=(class name, arguments)")
@@ -345,43 +424,50 @@ def train_ours(model: nn.Module, batches: list[dict], steps: int, lr: float) -> 
         out[f"logits.{step}"] = result.logits.detach().clone()
         result.loss.backward()
         if step == 0:
-            out.update({f"grad.{n}": p.grad.detach().clone() for n, p in params.items()})
+            out.update({f"grad.{n}": to_adapterhub_value(n, p.grad.detach().clone()) for n, p in params.items()})
         opt.step()
         opt.zero_grad()
-    out.update({f"param.{n}": p.detach().clone() for n, p in params.items()})
+    out.update({f"param.{n}": to_adapterhub_value(n, p.detach().clone()) for n, p in params.items()})
     return out
 
 
 def prepare_case(model: nn.Module, batches: list[dict], folder: str | Path, steps: int = 5, lr: float = 1e-3,
-                 adapterhub: tuple[str, dict] | None = None) -> Case:
+                 adapterhub: tuple[str, dict] | None = None, attn_implementation: str = "eager") -> Case:
     """Write what the worker needs to ``folder`` (created) and run our side on a CPU float32 copy.
 
     ``adapterhub`` overrides the AdapterHub config (class name, arguments); by default
-    ``adapterhub_config`` picks the one equal to ours.
+    ``adapterhub_config`` picks the one equal to ours. ``attn_implementation``: the attention the
+    worker's Llama runs ("eager": AdapterHub's prefix under "sdpa", transformers 4.57's default,
+    computes another function; ``additive/unified_view.py`` says more). BERT ignores it.
     """
     config = check_model(model, adapterhub)
     if not batches or any("labels" not in b for b in batches):
         raise ValueError("compare needs a non-empty list of batches with labels (the loss is trained)")
     adapterhub = adapterhub or adapterhub_config(config, model.config.hidden_size)
     ours = copy.deepcopy(model).to("cpu", torch.float32).eval()
+    if architecture(ours) == "llama":      # the worker's attention, so that both sides sum in the same order
+        ours.config._attn_implementation = attn_implementation
     batches = [{k: torch.as_tensor(v).cpu() for k, v in b.items()} for b in batches]
 
     folder = Path(folder)
     (folder / "base").mkdir(parents=True)
     ours.config.to_json_file(folder / "base" / "config.json")
     save_file(base_state_dict(ours), folder / "base" / "model.safetensors")
-    save_file({to_adapterhub_key(n): p.detach().contiguous() for n, p in ours.named_parameters() if p.requires_grad},
-              folder / "adapter.safetensors")
+    save_file({(k := to_adapterhub_key(n)): to_adapterhub_value(k, p.detach()).contiguous()
+               for n, p in ours.named_parameters() if p.requires_grad}, folder / "adapter.safetensors")
     save_file({f"{k}.{i}": v.contiguous() for i, b in enumerate(batches) for k, v in b.items()},
               folder / "batches.safetensors")
-    (folder / "case.json").write_text(json.dumps({"base": str(folder / "base"), "config_class": adapterhub[0],
+    (folder / "case.json").write_text(json.dumps({"base": str(folder / "base"), "arch": architecture(ours),
+                                                  "attn_implementation": attn_implementation,
+                                                  "config_class": adapterhub[0],
                                                   "config": adapterhub[1], "steps": steps, "lr": lr}))
     effect = adapter_effect(ours, batches[0])
     return Case(folder, adapterhub, steps, train_ours(ours, batches, steps, lr), effect)
 
 
 def compare(model: nn.Module, batches: list[dict], steps: int = 5, lr: float = 1e-3, rtol: float = 1e-5,
-            atol: float = 1e-6, adapterhub: tuple[str, dict] | None = None) -> AdapterHubReport:
+            atol: float = 1e-6, adapterhub: tuple[str, dict] | None = None,
+            attn_implementation: str = "eager") -> AdapterHubReport:
     """Train ``model`` (a copy; ours is unchanged) and its AdapterHub twin side by side and report.
 
     ``model``: a BERT classifier with ``HoulsbyConfig(..., modules_to_save=["classifier"])`` added and
@@ -391,6 +477,6 @@ def compare(model: nn.Module, batches: list[dict], steps: int = 5, lr: float = 1
     rtol * |ref|``. Raises ``NoNetwork`` if the AdapterHub env is not cached and PyPI is unreachable.
     """
     with tempfile.TemporaryDirectory(prefix="adapterhub-") as tmp:
-        case = prepare_case(model, batches, Path(tmp) / "case", steps, lr, adapterhub)
+        case = prepare_case(model, batches, Path(tmp) / "case", steps, lr, adapterhub, attn_implementation)
         run_worker([case.folder])
         return case.report(rtol, atol)

@@ -121,6 +121,9 @@ def peft_config(config: AdapterConfig, model: nn.Module, task: str | None = None
                                         encoder_hidden_size=hidden, encoder_num_layers=config.encoder_num_layers,
                                         encoder_dropout=config.encoder_dropout, **common)
     if isinstance(config, PrefixTuningConfig):
+        if config.positions != "after_prefix":
+            raise NotImplementedError(f"peft's prefix puts the tokens after the prefix (positions='after_prefix'); "
+                                      f"this one has positions={config.positions!r}, which peft cannot compute")
         return peft.PrefixTuningConfig(prefix_projection=config.prefix_projection,
                                        encoder_hidden_size=config.encoder_hidden_size, **common)
     raise NotImplementedError(f"peft has no {config.method!r} adapter (it has LoRA, DoRA, (IA)³, prompt tuning, "
