@@ -11,7 +11,7 @@
 # ---
 
 # %% [markdown]
-# # 19 · HyperFormer: one hypernetwork writes every task's adapters
+# # 19 · HyperFormer: one hypernetwork writes the adapters of every task
 #
 # Training one adapter per task (notebook 06) shares nothing between tasks; training one adapter on
 # all tasks at once shares everything, and the tasks interfere. Karimi Mahabadi, Ruder, Dehghani and

@@ -33,6 +33,11 @@ it in every batch; one task per batch, as the official sampler); without one the
 its active task, ``default_task`` at the start and changed by ``set_task(model, name)``. An unknown
 task is a ``ValueError`` naming the known ones, raised before anything runs.
 
+**Several processes.** A batch holds one task, so the other tasks' z get no gradient in that step;
+DDP (``TrainConfig(parallel="ddp")``) refuses parameters that receive none, and the library's DDP
+wrapper does not set ``find_unused_parameters``: train a multi-task HyperFormer in one process (the
+distributed tests run it with one task).
+
 Trainable: the hypernetwork (its embeddings, h_I, LN and the generators), the per-task z_τ, and, as
 the paper (``unfreeze_layer_norms``), every LayerNorm of the model. The official T5 runs text to
 text; on a classifier (MiniLM) the head trains too, shared by the tasks, whose inputs carry a task
@@ -239,8 +244,8 @@ class HyperFormerConfig(AdapterConfig):
                              hidden_dim=16, modules_to_save=["classifier"])),
                 ("bert", cls(tasks=["mrpc"], default_task="mrpc", reduction_factor=4, non_linearity="relu",
                              train_layer_norms=False, modules_to_save=["classifier"])),
-                ("llama", cls(tasks=["gsm8k", "arc"], default_task="arc", reduction_factor=8, task_embedding_dim=8,
-                              hidden_dim=16))]
+                ("llama", cls(tasks=["arc"], default_task="arc", reduction_factor=8, task_embedding_dim=8,
+                              hidden_dim=16))]   # one task: see "Several processes" in the module docstring
 
     @classmethod
     def invalid_examples(cls):
