@@ -53,7 +53,8 @@ import torch
 from torch import nn
 
 from ..core import AdapterConfig, AdapterLayer, ModelAdapter, register
-from ..core.targets import check_wraps, find_targets, set_module
+from ..core.adapter import install
+from ..core.targets import check_wraps, find_targets
 from .bottleneck import NON_LINEARITIES, check_non_linearity, float_dtype
 from .houlsby import LAYER_NORMS, HoulsbyAdapterLinear, placement_targets
 
@@ -153,9 +154,6 @@ class CompacterConfig(AdapterConfig):
             self.extra_trainable.append(LAYER_NORMS)
 
     def inject(self, model: nn.Module) -> None:
-        if hasattr(model, SharedRule.attr):
-            raise ValueError(f"the model already has a submodule named {SharedRule.attr!r}; Compacter keeps its "
-                             f"shared weights there")
         targets = find_targets(model, placement_targets(model, self.placement, self.target_modules))
         check_wraps(model, targets, self.wraps, self.method)
         n = self.phm_dim
@@ -172,9 +170,7 @@ class CompacterConfig(AdapterConfig):
                                  f"{n} dividing both d and m (pick a reduction_factor and phm_dim that divide d)")
             branch = PHMBottleneck(d, m, rule, self.non_linearity, self.rank, float_dtype(base), base.weight.device)
             layers[name] = HoulsbyAdapterLinear(base, m, name=name, adapter=branch)
-        for name, layer in layers.items():
-            set_module(model, name, layer)
-        rule.attach(model)
+        install(model, layers, shared=rule)
 
     def make_layer(self, name: str, module: nn.Module) -> AdapterLayer:
         raise NotImplementedError("Compacter's layers share one rule C: add them all with core.add_adapter")

@@ -54,7 +54,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import AdapterConfig, AdapterLayer, ModelAdapter, register
-from ..core.targets import check_wraps, find_targets, set_module
+from ..core.adapter import install
+from ..core.targets import check_wraps, find_targets
 from .bottleneck import NON_LINEARITIES, check_non_linearity, float_dtype
 from .houlsby import LAYER_NORMS, placement_targets
 
@@ -95,21 +96,10 @@ class HyperNetwork(ModelAdapter):
         self.generators = nn.ModuleDict({name: linear(t, size, dtype, device) for name, size in (
             ("down", m * d), ("down_bias", m), ("up", d * m), ("up_bias", d), ("gamma", d), ("beta", d))})
         self.active = default_task
-        self._hook = None
 
     @property
     def tasks(self) -> list[str]:
         return self.task_names
-
-    def attach(self, model: nn.Module) -> None:
-        super().attach(model)
-        self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-
-    def detach(self, model: nn.Module) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        super().detach(model)
 
     def check_task(self, task) -> str:
         if task is None:
@@ -119,7 +109,7 @@ class HyperNetwork(ModelAdapter):
             raise ValueError(f"unknown task {task!r}: this hypernetwork was built for {self.tasks}")
         return task
 
-    def _pre_forward(self, model, args, kwargs):
+    def pre_forward(self, model, args, kwargs):
         kwargs = dict(kwargs)
         self.active = self.check_task(kwargs.pop("task", None) or self.active)
         return args, kwargs
@@ -209,8 +199,6 @@ class HyperFormerConfig(AdapterConfig):
             self.extra_trainable.append(LAYER_NORMS)
 
     def inject(self, model: nn.Module) -> None:
-        if hasattr(model, HyperNetwork.attr):
-            raise ValueError(f"the model already has a submodule named {HyperNetwork.attr!r}")
         targets = find_targets(model, placement_targets(model, "houlsby", self.target_modules))
         check_wraps(model, targets, self.wraps, self.method)
         widths = {model.get_submodule(n).out_features for n in targets}
@@ -231,9 +219,7 @@ class HyperFormerConfig(AdapterConfig):
             block = SELF_ATTENTION if re.search(r"attention|self_attn", name) else FEED_FORWARD
             layers[name] = HyperAdapterLinear(model.get_submodule(name), hypernet, int(index.group(1)), block,
                                               self.non_linearity)
-        for name, layer in layers.items():
-            set_module(model, name, layer)
-        hypernet.attach(model)
+        install(model, layers, shared=hypernet)
 
     def make_layer(self, name: str, module: nn.Module) -> AdapterLayer:
         raise NotImplementedError("HyperFormer's layers share one hypernetwork: add them all with core.add_adapter")

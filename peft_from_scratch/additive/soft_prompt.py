@@ -44,19 +44,8 @@ class SoftPrompt(ModelAdapter):
         super().__init__()
         self.num_virtual_tokens = n
         self.max_positions = max_positions
-        self._hook = None
 
-    def attach(self, model: nn.Module) -> None:
-        super().attach(model)
-        self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-
-    def detach(self, model: nn.Module) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        super().detach(model)
-
-    def _pre_forward(self, model, args, kwargs):
+    def pre_forward(self, model, args, kwargs):
         if len(args) > 1:
             raise TypeError("with a soft prompt, call the model with keyword arguments (input_ids=..., "
                             "attention_mask=...); only input_ids may be positional")

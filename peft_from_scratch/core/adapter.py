@@ -81,15 +81,23 @@ class AdapterLayer(nn.Module):
 class ModelAdapter(nn.Module):
     """An adapter that acts on the whole model instead of wrapping one module (prompts, prefixes).
 
-    ``attach(model)`` registers it as the submodule ``model.<attr>`` and hooks it into the model's
-    forward; ``detach(model)`` undoes both.
+    ``attach(model)`` registers it as the submodule ``model.<attr>`` and, where the class defines
+    ``pre_forward(model, args, kwargs)``, registers that as a forward pre-hook of the model (with
+    keyword arguments: it may rewrite them, as a soft prompt does, or pop its own, as HyperFormer's
+    ``task``); ``detach(model)`` undoes both.
     """
     attr: ClassVar[str] = "prompt_encoder"
+    pre_forward = None
 
     def attach(self, model: nn.Module) -> None:
         setattr(model, self.attr, self)
+        if self.pre_forward is not None:
+            self._hook = model.register_forward_pre_hook(self.pre_forward, with_kwargs=True)
 
     def detach(self, model: nn.Module) -> None:
+        hook = self.__dict__.pop("_hook", None)
+        if hook is not None:
+            hook.remove()
         delattr(model, self.attr)
 
 
@@ -129,9 +137,7 @@ class AdapterConfig:
         targets = find_targets(model, self.target_modules)
         check_wraps(model, targets, self.wraps, self.method)
         # Build all layers before touching the model, so a bad hyper-parameter changes nothing.
-        layers = {n: self.make_layer(n, model.get_submodule(n)) for n in targets}
-        for name, layer in layers.items():
-            set_module(model, name, layer)
+        install(model, {n: self.make_layer(n, model.get_submodule(n)) for n in targets})
 
     def to_dict(self) -> dict:
         """JSON-ready (tuples become lists), so a saved config compares equal to a live one."""
@@ -167,3 +173,16 @@ class AdapterConfig:
     def invalid_examples(cls) -> list[dict]:
         """Keyword arguments each of which must make the constructor raise (the contract test checks)."""
         return []
+
+
+def install(model: nn.Module, layers: dict[str, AdapterLayer], shared: ModelAdapter | None = None) -> None:
+    """Put layers built beforehand into ``model`` (name -> layer) and attach the model-level part they
+    share, if any (Compacter's rule, HyperFormer's hypernetwork). A clash of ``shared``'s attribute
+    with one of the model's is refused before anything changes."""
+    if shared is not None and hasattr(model, shared.attr):
+        raise ValueError(f"the model already has a submodule named {shared.attr!r}, where {type(shared).__name__} "
+                         "would live; remove the adapter there first")
+    for name, layer in layers.items():
+        set_module(model, name, layer)
+    if shared is not None:
+        shared.attach(model)
