@@ -175,6 +175,21 @@ def make_mrpc(raw: Path, notes: dict) -> None:
                          paraphrase=sum(lines[i].startswith("1\t") for i in keep), dev=len(dev_lines) - 1)
 
 
+def make_arc_easy(raw: Path, notes: dict) -> None:
+    """ARC-Easy train and test: the questions with exactly four choices labelled A-D (most of them), so
+    every question is answered by one of the same four letters; the others are counted, not edited."""
+    def four_lettered(line: str) -> bool:
+        row = json.loads(line)
+        labels = [c["label"] for c in row["question"]["choices"]]
+        return labels == ["A", "B", "C", "D"] and row["answerKey"] in labels and row["question"]["stem"].strip() != ""
+
+    for split in ("Train", "Test"):
+        lines = read_lines(raw / "arc_easy" / f"ARC-Easy-{split}.jsonl")
+        keep = [line for line in lines if four_lettered(line)]
+        write_lines(OUT / "arc_easy" / f"{split.lower()}.jsonl", keep)
+        notes[f"arc_easy_{split.lower()}"] = dict(pool=len(lines), kept=len(keep), other=len(lines) - len(keep))
+
+
 def make_tinyshakespeare(raw: Path, notes: dict) -> None:
     text = (raw / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
     (OUT / "tinyshakespeare").mkdir(parents=True, exist_ok=True)
@@ -300,6 +315,19 @@ Total: {total:,} bytes ({total_mb:.2f} MiB).
 
 {files_mrpc}
 
+## ARC-Easy (grade-school science questions, four choices)
+
+| | |
+|---|---|
+| source | RazvanDu/TemporalRNNs @ `979116de476dc3b1d98198707a2da2caa64c83db`, `ARC-Easy/` (the AI2 Reasoning Challenge's Easy set; dev and test are byte-identical to the OpenCompass data release's copies) |
+| license / terms | CC BY-SA 4.0 (AI2 Reasoning Challenge, Clark et al. 2018) |
+| cite | `clark2018think` |
+| `train.jsonl` | the {arc_train[kept]:,} of the {arc_train[pool]:,} rows of `ARC-Easy-Train.jsonl` whose choices are exactly A, B, C, D ({arc_train[other]} rows with 3 or 5 choices, or labelled 1-4, left out), whole lines in the original order |
+| `test.jsonl` | the same selection of `ARC-Easy-Test.jsonl`: {arc_test[kept]:,} of {arc_test[pool]:,} rows ({arc_test[other]} left out) |
+| format | JSON lines with `id`, `question.stem`, `question.choices` (list of `text`, `label`), `answerKey` |
+
+{files_arc}
+
 ## Tiny Shakespeare (held-out general text)
 
 | | |
@@ -319,6 +347,7 @@ Total: {total:,} bytes ({total_mb:.2f} MiB).
 - GSM8K: MIT (Cobbe et al. 2021).
 - RTE: PASCAL RTE via SuperGLUE; no license stated, research use only, terms unclear.
 - MRPC: Microsoft Research Shared Source License (non-commercial; included as `mrpc/Microsoft Shared Source License.htm`).
+- ARC-Easy: CC BY-SA 4.0 (Clark et al. 2018); the subset here is shared under the same license.
 - Tiny Shakespeare: Shakespeare's text is public domain.
 """
 
@@ -329,7 +358,7 @@ def files_table(rels: list[str]) -> str:
 
 def main(raw: Path) -> None:
     notes: dict = {}
-    for make in (make_sst2, make_agnews, make_e2e, make_gsm8k, make_rte, make_mrpc, make_tinyshakespeare):
+    for make in (make_sst2, make_agnews, make_e2e, make_gsm8k, make_rte, make_mrpc, make_arc_easy, make_tinyshakespeare):
         make(raw, notes)
     groups = {"files_sst2": ["sst2/train.tsv", "sst2/validation.tsv"],
               "files_agnews": ["agnews/train.tsv", "agnews/test.tsv"],
@@ -337,6 +366,7 @@ def main(raw: Path) -> None:
               "files_gsm8k": ["gsm8k/train.jsonl", "gsm8k/test.jsonl"],
               "files_rte": ["rte/train.jsonl", "rte/val.jsonl"],
               "files_mrpc": ["mrpc/train.tsv", "mrpc/dev.tsv", f"mrpc/{MRPC_LICENSE}"],
+              "files_arc": ["arc_easy/train.jsonl", "arc_easy/test.jsonl"],
               "files_shakespeare": ["tinyshakespeare/input.txt"]}
     total = sum((OUT / r).stat().st_size for rels in groups.values() for r in rels)
     text = README.format(
@@ -344,7 +374,8 @@ def main(raw: Path) -> None:
         dev=notes["devset.csv"], test=notes["testset_w_refs.csv"], gsm=notes["gsm8k"],
         shakes=notes["tinyshakespeare"], n_sst2=N_SST2_TRAIN, n_ag_train=N_AGNEWS_TRAIN,
         n_ag_train_per=N_AGNEWS_TRAIN // 4, n_ag_test=N_AGNEWS_TEST, n_ag_test_per=N_AGNEWS_TEST // 4,
-        n_gsm=N_GSM8K_TRAIN, rte=notes["rte"], n_rte=N_RTE_TRAIN, mrpc=notes["mrpc"], n_mrpc=N_MRPC_TRAIN, n_chars=N_SHAKESPEARE_CHARS,
+        n_gsm=N_GSM8K_TRAIN, rte=notes["rte"], n_rte=N_RTE_TRAIN, mrpc=notes["mrpc"], n_mrpc=N_MRPC_TRAIN,
+        arc_train=notes["arc_easy_train"], arc_test=notes["arc_easy_test"], n_chars=N_SHAKESPEARE_CHARS,
         labels=", ".join(f"`{name}` ({i})" for i, name in enumerate(AGNEWS_LABELS)),
         **{k: files_table(v) for k, v in groups.items()})
     (OUT / "README.md").write_text(text, encoding="utf-8")

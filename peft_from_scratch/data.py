@@ -28,6 +28,7 @@ AGNEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]  # label ids 0..3, t
 SST2_WORDS = ["negative", "positive"]                          # label 0 / 1 as an LM answers it
 AGNEWS_WORDS = ["World", "Sports", "Business", "Science"]       # AG News labels as one-token answers
 RTE_WORDS = ["yes", "no"]                                      # RTE label 0 (entailment) / 1 (not) as answers
+ARC_WORDS = ["A", "B", "C", "D"]                               # ARC-Easy: the letter of the right choice
 IGNORE_INDEX = -100                                            # labels the loss skips
 
 
@@ -202,6 +203,26 @@ def load_mrpc(split: str = "train", n: int | None = None, seed: int = 0) -> Data
     return _finish(columns, n, seed)
 
 
+def load_arc_easy(split: str = "train", n: int | None = None, seed: int = 0) -> Dataset:
+    """ARC-Easy science questions with four choices: ``question``, ``choices`` (the four texts, for the
+    letters A-D), ``label`` (0-3, the right one). train: 2,140 questions, test: 2,268 (data/README.md:
+    the rows with exactly the choices A-D)."""
+    path = _path("arc_easy", split, {"train": "train.jsonl", "test": "test.jsonl"})
+    columns: dict[str, list] = {"question": [], "choices": [], "label": []}
+    for number, row in _json_lines(path):
+        q = row.get("question") if isinstance(row, dict) else None
+        choices = q.get("choices") if isinstance(q, dict) else None
+        if not (isinstance(q, dict) and isinstance(q.get("stem"), str) and q["stem"].strip() and isinstance(choices, list)
+                and all(isinstance(c, dict) and isinstance(c.get("text"), str) for c in choices)):
+            raise DataFormatError(path, number, "expected an object with 'question': {'stem': str, 'choices': [{'text', 'label'}]}")
+        if [c.get("label") for c in choices] != ARC_WORDS or row.get("answerKey") not in ARC_WORDS:
+            raise DataFormatError(path, number, f"expected the choices {ARC_WORDS} and an answerKey among them")
+        columns["question"].append(q["stem"].strip())
+        columns["choices"].append([c["text"].strip() for c in choices])
+        columns["label"].append(ARC_WORDS.index(row["answerKey"]))
+    return _finish(columns, n, seed)
+
+
 def load_text(name: str = "tinyshakespeare") -> str:
     """A plain text for perplexity: "tinyshakespeare" (its first 200,000 characters)."""
     return _path(name, name, {"tinyshakespeare": "input.txt"}).read_text(encoding="utf-8")
@@ -278,6 +299,12 @@ def rte_example(row: dict) -> tuple[str, str]:
     a T0-style yes/no prompt, answered in lower case ("yes" and "no" are one SmolLM2 token each)."""
     return (f"{row['premise']}\nQuestion: Does this mean that \"{row['hypothesis']}\" is true? Yes or no?",
             RTE_WORDS[row["label"]])
+
+
+def arc_example(row: dict) -> tuple[str, str]:
+    """(the question, the text of its right choice): the form in which a language model is scored on
+    ARC by the likelihood of each choice after the question (``tasks.choice_correct``)."""
+    return row["question"], row["choices"][row["label"]]
 
 
 def tokenize_causal(dataset: Dataset, tokenizer, example_fn: Callable[[dict], tuple[str, str]],

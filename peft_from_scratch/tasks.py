@@ -39,7 +39,7 @@ from torch import nn
 from . import data, evaluate, models
 from .core import count_parameters
 from .training import History, TrainConfig, evaluate_loss, train
-from .training.multiple_choice import TFewObjective, multiple_choice_batch
+from .training.multiple_choice import TFewObjective, choice_logprobs, multiple_choice_batch
 from .training.memory import LiveTensors  # noqa: F401 (notebook 05 names it tasks.LiveTensors)
 from .verdicts import Interval, bootstrap
 
@@ -556,6 +556,103 @@ class FewShot(_SmolLM2Answers):
         """The tokens the model reads to answer each evaluation example (demonstrations included)."""
         self.base()
         return [len(self.prompt_ids(r, demonstrations)) for r in self.val_rows]
+
+
+@dataclass
+class MathAndScience(_SmolLM2Answers):
+    """SmolLM2 fine-tuned on GSM8K (math word problems) or on ARC-Easy (science multiple choice), the
+    two kinds of task LLM-Adapters compares its adapters on (notebook 20).
+
+    GSM8K: trained on the worked solutions (the question as the prompt, the loss on the solution and
+    its "#### N"); scored by each test problem's teacher-forced loss on the reference solution
+    (``gsm8k_losses``), since SmolLM2-135M gets few GSM8K answers right. ARC-Easy: trained to answer the
+    question with the text of its right choice; scored by which of the four choices is the most likely
+    continuation of the question (``arc_correct``, the way lm-evaluation-harness scores ARC). The recipe
+    is LLM-Adapters' (``finetune.py``): AdamW, warm-up then linear decay, one learning rate for every
+    method; ``warmup`` is its 100 steps scaled to our runs."""
+    n_train: int
+    n_test_math: int
+    n_test_science: int
+    steps: int
+    batch: int = 2
+    batch_science: int = 4
+    max_length: int = 256
+    warmup: float = 0.1
+    seed: int = 0
+    profile: str = "cpu"
+    layers: int | None = None      # keep only the first layers of SmolLM2 (the smoke profile)
+
+    PROFILES = {"smoke": dict(n_train=8, n_test_math=4, n_test_science=8, steps=2, batch=2, batch_science=2, layers=2),
+                "cpu": dict(n_train=256, n_test_math=24, n_test_science=60, steps=16),
+                "gpu": dict(n_train=2000, n_test_math=1319, n_test_science=2268, steps=1000, batch=8, batch_science=16,
+                            max_length=512)}
+    TASKS = ("gsm8k", "arc_easy")
+
+    def base(self) -> nn.Module:
+        """A fresh copy of the frozen SmolLM2 (loaded once), with both tasks' data tokenized."""
+        if self.model is None:
+            self._load_smollm2()
+            tok = self.tokenizer
+            math_train = data.load_gsm8k("train", n=self.n_train, seed=self.seed)
+            self.train_sets = {
+                "gsm8k": data.tokenize_causal(math_train, tok, data.gsm8k_example, max_length=self.max_length),
+                "arc_easy": data.tokenize_causal(data.load_arc_easy("train", n=self.n_train, seed=self.seed), tok,
+                                                 data.arc_example, max_length=self.max_length)}
+            self.math_test = data.tokenize_causal(data.load_gsm8k("test", n=self.n_test_math, seed=self.seed), tok,
+                                                  data.gsm8k_example, max_length=self.max_length)
+            self.science_rows = data.load_arc_easy("test", n=self.n_test_science, seed=self.seed)
+        return copy.deepcopy(self.model)
+
+    def __post_init__(self):
+        self.model, self.tokenizer = None, None
+
+    def fit(self, model: nn.Module, task: str, lr: float, desc: str | None = None, **kw) -> History:
+        """Train ``model``'s trainable parameters for ``steps`` steps on ``task`` ("gsm8k" or "arc_easy")."""
+        if task not in self.TASKS:
+            raise ValueError(f"task must be one of {self.TASKS}, got {task!r}")
+        self.base()
+        batch = self.batch if task == "gsm8k" else self.batch_science
+        loader = data.make_loader(self.train_sets[task], batch, shuffle=True, seed=self.seed,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        return train(model, loader, TrainConfig(lr=lr, max_steps=self.steps, warmup_ratio=self.warmup, seed=self.seed),
+                     desc=desc, **kw)
+
+    def gsm8k_losses(self, model: nn.Module) -> list[float]:
+        """Each GSM8K test problem's mean loss per token of its reference solution (teacher-forced)."""
+        self.base()
+        return example_losses(model, data.make_loader(self.math_test, 8, pad_token_id=self.tokenizer.pad_token_id))
+
+    def arc_correct(self, model: nn.Module) -> list[int]:
+        """1/0 per ARC-Easy test question: is the right choice the most likely continuation of the question?"""
+        self.base()
+        return choice_correct(model, self.tokenizer, self.science_rows, lambda row: row["question"], "choices")
+
+
+@torch.no_grad()
+def choice_correct(model: nn.Module, tokenizer, rows, prompt_fn, choices: str = "choices") -> list[int]:
+    """1/0 per row: does the row's ``label`` choice have the largest summed log-probability, read after
+    the templated prompt ``prompt_fn(row)``? (lm-evaluation-harness' "acc" for ARC, PIQA and the like;
+    T-Few's ``beta`` would divide by the choice's length.) The prompt is read once per row and its
+    KV cache shared by the choices, which continue it side by side (right-padded)."""
+    was, device = model.training, next(model.parameters()).device
+    model.eval()
+    out, pad = [], tokenizer.pad_token_id
+    for row in rows:
+        prompt = tokenizer(data.chat_prompt(tokenizer, prompt_fn(row)), add_special_tokens=False)["input_ids"]
+        options = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in row[choices]]
+        C, T = len(options), max(len(o) for o in options)
+        ids = torch.tensor([o + [pad] * (T - len(o)) for o in options], device=device)
+        real = torch.tensor([[1] * len(o) + [0] * (T - len(o)) for o in options], device=device)
+        first = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+        first.past_key_values.batch_repeat_interleave(C)
+        mask = torch.cat([torch.ones(C, len(prompt), dtype=real.dtype, device=device), real], 1)
+        rest = model(input_ids=ids, attention_mask=mask, past_key_values=first.past_key_values).logits
+        # choice token t is predicted at the position before it: the prompt's last one for t = 0
+        logits = torch.cat([first.logits[:, -1:].expand(C, 1, -1), rest[:, :-1]], 1)
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[..., None]).squeeze(-1) * real
+        out.append(int(logp.sum(-1).argmax().item() == row["label"]))
+    model.train(was)
+    return out
 
 
 def fit_with_checkpoints(task, model: nn.Module, lr: float, eval_fn: Callable[[nn.Module], dict], every: int,

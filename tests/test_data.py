@@ -44,6 +44,8 @@ def minilm():
     (data.load_rte, "validation", 277, {"premise": "string", "hypothesis": "string", "label": "int64"}),
     (data.load_mrpc, "train", 600, {"sentence1": "string", "sentence2": "string", "label": "int64"}),
     (data.load_mrpc, "validation", 408, {"sentence1": "string", "sentence2": "string", "label": "int64"}),
+    (data.load_arc_easy, "train", 2140, {"question": "string", "choices": None, "label": "int64"}),
+    (data.load_arc_easy, "test", 2268, {"question": "string", "choices": None, "label": "int64"}),
 ])
 def test_loaders_return_the_documented_columns_and_sizes(load, split, rows, columns):
     ds = load(split)
@@ -64,6 +66,9 @@ def test_label_values_and_balance():
     assert (rte.count(0), rte.count(1)) == (146, 131)            # SuperGLUE val: 146 entailment, 131 not
     mrpc = data.load_mrpc("validation")["label"]
     assert (mrpc.count(1), mrpc.count(0)) == (279, 129)           # GLUE dev: 279 paraphrases, 129 not
+    arc = data.load_arc_easy("test")
+    assert set(arc["label"]) == {0, 1, 2, 3} and all(len(c) == 4 and all(c) for c in arc["choices"])
+    assert data.arc_example(arc[0]) == (arc[0]["question"], arc[0]["choices"][arc[0]["label"]])
 
 
 def test_e2e_test_groups_every_reference_under_its_mr():
@@ -88,7 +93,7 @@ def test_text_is_the_documented_prefix():
 def test_files_match_the_sha256_in_the_readme():
     readme = (data.DATA_DIR / "README.md").read_text()
     sums = re.findall(r"\| `([\w/. ]+)` \|[^|]+\|[^|]+\| `([0-9a-f]{64})` \|", readme)
-    assert len(sums) == 14                                       # MRPC: train, dev and its license
+    assert len(sums) == 16                                       # MRPC: train, dev and its license; ARC-Easy: 2
     for rel, digest in sums:
         assert hashlib.sha256((data.DATA_DIR / rel).read_bytes()).hexdigest() == digest, rel
 
@@ -133,6 +138,10 @@ BAD_FILES = [  # (file, content, loader, split, bad line, message)
      "validation", 2, "expected Quality 0 or 1"),
     ("mrpc/train.tsv", "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n", data.load_mrpc, "train", 1,
      "expected the header"),
+    ("arc_easy/test.jsonl", '{"question": {"stem": "Q?", "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"}, '
+     '{"text": "c", "label": "C"}, {"text": "d", "label": "D"}]}, "answerKey": "E"}\n', data.load_arc_easy, "test", 1,
+     "an answerKey among them"),
+    ("arc_easy/train.jsonl", '{"question": "Q?", "answerKey": "A"}\n', data.load_arc_easy, "train", 1, "'stem': str"),
 ]
 
 

@@ -55,7 +55,8 @@ def test_parallel_run_equals_one_process(parallel_run, name):
     alone = trained_state(model)
     parallel = torch.load(parallel_run / name / "trained.pt")
     assert parallel.keys() == alone.keys()
-    assert max((alone[k] - before[k]).abs().max().item() for k in alone) > 1e-3, "the case trains nothing"
+    moved = max((alone[k] - before[k]).abs().max().item() for k in alone)
+    assert moved > 1e-3, f"the case trains nothing (largest change {moved:.2e})"
     for key in alone:
         torch.testing.assert_close(parallel[key], alone[key], rtol=RTOL, atol=ATOL, msg=lambda m: f"{key}: {m}")
     recorded = json.loads((parallel_run / name / "history.json").read_text())

@@ -29,7 +29,7 @@ def test_registry_lists_every_method_with_family_kind_and_paper():
         assert Path(pfs.__file__).parent.parent.joinpath(m.file).exists(), m.file
     assert listed["dora"].parent == "lora" and listed["qlora"].parent == "lora"
     assert [m.name for m in pfs.methods(kind="adapter", family="additive")] == \
-        ["compacter", "houlsby", "hyperformer", "ia3", "llama_adapter", "mam", "p_tuning", "parallel_adapter", "prefix_tuning",
+        ["compacter", "houlsby", "hyperformer", "ia3", "llama_adapter", "llm_adapter", "mam", "p_tuning", "parallel_adapter", "prefix_tuning",
              "prompt_tuning"]
 
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 NON_LINEARITIES = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),   # gelu_new: transformers' name
-                   "relu": F.relu, "swish": F.silu, "silu": F.silu, "tanh": torch.tanh}
+                   "relu": F.relu, "swish": F.silu, "silu": F.silu, "tanh": torch.tanh,
+                   "linear": lambda x: x}                                   # linear: no non-linearity (transformers' name)
 
 
 def check_non_linearity(name: str) -> None:
