@@ -15,7 +15,7 @@ from peft_from_scratch.models import tiny_bert, tiny_llama
 V1 = Path(__file__).parent / "fixtures" / "adapters_v1"
 NAMES = {"lora", "dora", "rosa", "houlsby", "compacter", "ia3", "llama_adapter", "prompt_tuning", "p_tuning", "prefix_tuning",
          "parallel_adapter", "mam", "hyperformer",
-         "nf4", "qlora", "paged_adamw", "masked_gradient",
+         "nf4", "qlora", "qa_lora", "paged_adamw", "masked_gradient",
          "lomo", "adalomo", "galore", "flora", "flora_accumulation", "mezo"}
 
 
