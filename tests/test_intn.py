@@ -85,3 +85,15 @@ def test_bad_input_names_the_problem():
     W[0, 0] = float("nan")
     with pytest.raises(ValueError, match="inf or NaN"):
         intn.quantize_groupwise(W, group_size=32)
+
+
+def test_the_int_layer_keeps_its_state_under_half_and_computes_its_weight():
+    linear = torch.nn.Linear(64, 8)
+    layer = intn.LinearIntN.from_linear(linear, 3, 16)
+    x = torch.randn(2, 64)
+    want = torch.nn.functional.linear(x, intn.dequantize_groupwise(intn.quantize_groupwise(linear.weight, 3, 16)), linear.bias)
+    torch.testing.assert_close(layer(x), want, rtol=1e-6, atol=1e-6)
+    zeros = layer.zeros.clone()
+    layer.half()
+    assert layer.packed.dtype == torch.int32 and layer.zeros.dtype == torch.float32 and torch.equal(layer.zeros, zeros)
+    assert layer.bias.dtype == torch.float16

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear4bit import apply_keeping_state_dtypes
+
 BITS = (2, 3, 4, 8)
 
 
@@ -142,12 +144,7 @@ class LinearIntN(nn.Module):
         return F.linear(x, self.dequantize().to(x.dtype), bias)
 
     def _apply(self, fn, recurse=True):
-        before = dict(self._buffers)
-        super()._apply(fn, recurse)
-        for name, old in before.items():
-            if old is not None and self._buffers[name].dtype != old.dtype:
-                self._buffers[name] = old.to(self._buffers[name].device)
-        return self
+        return apply_keeping_state_dtypes(self, super()._apply, fn, recurse)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -38,6 +38,18 @@ def dequantize_triton(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
                                   state.offset if nested else None, state.blocksize2 if nested else None)
 
 
+def apply_keeping_state_dtypes(module: nn.Module, apply, fn, recurse: bool = True) -> nn.Module:
+    """``module._apply`` for a layer whose buffers are a quantized state: ``.to(device)`` moves them,
+    but ``.half()`` or ``.to(dtype)`` must not convert (and round) them. ``apply`` is the parent's."""
+    before = dict(module._buffers)
+    apply(fn, recurse)
+    for name, old in before.items():
+        new = module._buffers[name]
+        if old is not None and new.dtype != old.dtype:
+            module._buffers[name] = old.to(new.device)
+    return module
+
+
 class Linear4bit(nn.Linear):
     """y = x W^T + b, with W stored as packed 4-bit codes and dequantized at every forward.
 
@@ -103,14 +115,7 @@ class Linear4bit(nn.Linear):
         return F.linear(x.to(dtype), self.dequantize().to(dtype), bias).to(x.dtype)
 
     def _apply(self, fn, recurse=True):
-        """``.to(device)`` moves the state; ``.half()`` or ``.to(dtype)`` must not round it."""
-        before = dict(self._buffers)
-        super()._apply(fn, recurse)
-        for name, old in before.items():
-            new = self._buffers[name]
-            if old is not None and new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
-        return self
+        return apply_keeping_state_dtypes(self, super()._apply, fn, recurse)
 
     def extra_repr(self) -> str:
         dq = f", double_quant(blocksize2={self.blocksize2})" if self.absmax2 is not None else ""
